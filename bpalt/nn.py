@@ -1,0 +1,491 @@
+"""Pure functional layers and the ``Network`` of blocks.
+
+A layer is a ``Layer(init, apply, feedback_apply)`` of pure functions, in the style of
+``jax.example_libraries.stax``:
+
+- ``init(key, input_shape) -> (output_shape, params)``; shapes exclude the batch axis.
+- ``apply(params, x) -> y``; ``x`` has a leading batch axis and images are NHWC.
+- ``feedback_apply(params, feedback, x) -> y``: the same forward pass, but a linear layer
+  sends its input gradient through ``feedback`` (a pytree shaped like ``params``) instead of
+  through its own weights. Feedback alignment and its variants use it; layers without
+  weights ignore ``feedback``.
+
+Parametric layers (``dense``, ``conv2d``) are linear in their input, and nonlinearities are
+layers of their own, so that a rule can change how the error crosses each linear map without
+touching the activations.
+
+A ``Network`` is a sequence of blocks, each block a layer (usually ``serial(conv2d(...),
+relu, max_pool(...))``). Its params are a tuple with one entry per block; that tuple is the
+parameter pytree every update rule reads and returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bpalt import initializers
+
+Shape = tuple[int, ...]
+Params = Any
+
+
+class Layer(NamedTuple):
+    """A layer as a pair of pure functions plus its feedback-alignment forward pass.
+
+    Attributes:
+        init: ``(key, input_shape) -> (output_shape, params)``.
+        apply: ``(params, x) -> y`` with a leading batch axis on ``x`` and ``y``.
+        feedback_apply: ``(params, feedback, x) -> y``; the forward pass equals ``apply`` and
+            the gradient sent to ``x`` uses the weights in ``feedback``.
+    """
+
+    init: Callable[[jax.Array, Shape], tuple[Shape, Params]]
+    apply: Callable[[Params, jax.Array], jax.Array]
+    feedback_apply: Callable[[Params, Params, jax.Array], jax.Array]
+
+
+def _parameter_free(fn: Callable[[jax.Array], jax.Array], shape_fn=None) -> Layer:
+    """Build a layer with no params (``()``) from an elementwise or shape function."""
+
+    def init(key, input_shape):
+        del key
+        output_shape = tuple(input_shape) if shape_fn is None else shape_fn(tuple(input_shape))
+        return output_shape, ()
+
+    def apply(params, x):
+        del params
+        return fn(x)
+
+    def feedback_apply(params, feedback, x):
+        del params, feedback
+        return fn(x)
+
+    return Layer(init, apply, feedback_apply)
+
+
+# --- Linear maps with a separate feedback path -------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def feedback_linear(linear_fn, x, w, feedback):
+    """Compute ``linear_fn(x, w)``, sending the input gradient through ``feedback``.
+
+    ``linear_fn(x, w)`` must be linear in ``x`` (a dense or convolution map). In the
+    backward pass the weight gradient is the true one, ``vjp_w linear_fn(x, .)(delta)``,
+    and the input receives ``vjp_x linear_fn(., feedback)(delta)``: ``delta @ B.T`` for a
+    dense layer and the transposed convolution with kernel ``B`` for a convolution
+    (Lillicrap et al. 2016, arXiv:1411.0247). With ``feedback = w`` this is backprop.
+    ``feedback`` itself receives a zero gradient.
+    """
+    return linear_fn(x, w)
+
+
+def _feedback_linear_fwd(linear_fn, x, w, feedback):
+    return linear_fn(x, w), (x, w, feedback)
+
+
+def _feedback_linear_bwd(linear_fn, residuals, delta):
+    x, w, feedback = residuals
+
+    _, weight_vjp = jax.vjp(lambda w_: linear_fn(x, w_), w)
+    (grad_w,) = weight_vjp(delta)
+
+    _, input_vjp = jax.vjp(lambda x_: linear_fn(x_, feedback), x)
+    (grad_x,) = input_vjp(delta)
+
+    return grad_x, grad_w, jnp.zeros_like(feedback)
+
+
+feedback_linear.defvjp(_feedback_linear_fwd, _feedback_linear_bwd)
+
+
+def _matmul(x, w):
+    return x @ w
+
+
+def _linear_layer(linear_fn, init_fn) -> Layer:
+    """Wrap a linear map ``linear_fn(x, w)`` with an optional bias into a ``Layer``."""
+
+    def apply(params, x):
+        y = linear_fn(x, params["w"])
+        return y + params["b"] if "b" in params else y
+
+    def feedback_apply(params, feedback, x):
+        y = feedback_linear(linear_fn, x, params["w"], feedback["w"])
+        return y + params["b"] if "b" in params else y
+
+    return Layer(init_fn, apply, feedback_apply)
+
+
+def dense(
+    features: int,
+    *,
+    use_bias: bool = True,
+    w_init: initializers.Initializer | str = "he_normal",
+    b_init: initializers.Initializer | str = "zeros",
+) -> Layer:
+    """Fully connected layer ``y = x @ w + b``.
+
+    Shapes: ``x`` (batch, in), ``w`` (in, features), ``b`` (features,), ``y`` (batch,
+    features). Flatten images with ``flatten`` first.
+    """
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"dense features must be a positive integer, got {features!r}")
+    w_init, b_init = initializers.get(w_init), initializers.get(b_init)
+
+    def init(key, input_shape):
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"dense expects a flat input (features,), got input shape {tuple(input_shape)}; "
+                "put flatten before it"
+            )
+        w_key, b_key = jax.random.split(key)
+        params = {"w": w_init(w_key, (input_shape[0], features))}
+        if use_bias:
+            params["b"] = b_init(b_key, (features,))
+        return (features,), params
+
+    return _linear_layer(_matmul, init)
+
+
+# --- Convolution ---------------------------------------------------------------------------
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """XLA's SAME padding: output ceil(size / stride), extra row at the high end."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    """Output length of one spatial axis."""
+    if padding == "SAME":
+        return -(-size // stride)
+    return (size - kernel) // stride + 1
+
+
+def _conv_xla(x, w, *, stride, padding):
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _conv_patches(x, w, *, stride, padding):
+    """Convolution as patches plus one matrix product (im2col).
+
+    Gathers the kernel-sized windows by strided slicing, concatenates them on the channel
+    axis to (batch, out_h, out_w, kh * kw * in) and multiplies by the kernel reshaped to
+    (kh * kw * in, out). On XLA:CPU this ran faster than ``lax.conv_general_dilated`` for
+    small CNNs and keeps its speed inside ``lax.scan``, where the convolution's weight
+    gradient takes a slow path.
+    """
+    kh, kw, cin, cout = w.shape
+    _, h, wd, _ = x.shape
+    if padding == "SAME":
+        pad_h, pad_w = _same_padding(h, kh, stride), _same_padding(wd, kw, stride)
+        x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    out_h = conv_output_size(h, kh, stride, padding)
+    out_w = conv_output_size(wd, kw, stride, padding)
+
+    windows = [
+        x[:, i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(windows, axis=-1)
+    return patches @ w.reshape(kh * kw * cin, cout)
+
+
+CONV_IMPLEMENTATIONS = {"patches": _conv_patches, "xla": _conv_xla}
+
+
+def conv2d(
+    features: int,
+    kernel_size: int | tuple[int, int] = 3,
+    *,
+    stride: int = 1,
+    padding: str = "SAME",
+    use_bias: bool = True,
+    w_init: initializers.Initializer | str = "he_normal",
+    b_init: initializers.Initializer | str = "zeros",
+    implementation: str = "patches",
+) -> Layer:
+    """2-D convolution (cross-correlation), NHWC input, HWIO kernel.
+
+    Shapes: ``x`` (batch, height, width, in), ``w`` (kh, kw, in, features), ``b``
+    (features,), ``y`` (batch, out_h, out_w, features) with ``out = ceil(n / stride)`` for
+    SAME and ``floor((n - k) / stride) + 1`` for VALID.
+
+    Args:
+        implementation: ``"patches"`` (im2col: strided slices and one matrix product, the
+            faster one on CPU) or ``"xla"`` (``lax.conv_general_dilated``). Both compute the
+            same function.
+    """
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"conv2d features must be a positive integer, got {features!r}")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"conv2d kernel_size must be positive, got {kernel_size!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"conv2d stride must be a positive integer, got {stride!r}")
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"conv2d padding must be 'SAME' or 'VALID', got {padding!r}")
+    if implementation not in CONV_IMPLEMENTATIONS:
+        raise ValueError(
+            f"conv2d implementation must be one of {sorted(CONV_IMPLEMENTATIONS)}, "
+            f"got {implementation!r}"
+        )
+    w_init, b_init = initializers.get(w_init), initializers.get(b_init)
+    linear_fn = functools.partial(
+        CONV_IMPLEMENTATIONS[implementation], stride=stride, padding=padding
+    )
+
+    def init(key, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"conv2d expects an image input (height, width, channels), got input shape "
+                f"{tuple(input_shape)}"
+            )
+        h, w, cin = input_shape
+        out_h = conv_output_size(h, kh, stride, padding)
+        out_w = conv_output_size(w, kw, stride, padding)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"conv2d kernel {kh}x{kw} with VALID padding does not fit input {h}x{w}; "
+                "use padding='SAME' or a smaller kernel"
+            )
+        w_key, b_key = jax.random.split(key)
+        params = {"w": w_init(w_key, (kh, kw, cin, features))}
+        if use_bias:
+            params["b"] = b_init(b_key, (features,))
+        return (out_h, out_w, features), params
+
+    return _linear_layer(linear_fn, init)
+
+
+# --- Pooling -------------------------------------------------------------------------------
+
+
+def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
+    stride = window if stride is None else stride
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"pool window must be a positive integer, got {window!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"pool stride must be a positive integer, got {stride!r}")
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"pool padding must be 'SAME' or 'VALID', got {padding!r}")
+
+    def shape_fn(input_shape):
+        h, w, c = input_shape
+        return (
+            conv_output_size(h, window, stride, padding),
+            conv_output_size(w, window, stride, padding),
+            c,
+        )
+
+    def fn(x):
+        n, h, w, c = x.shape
+        if stride == window and (padding == "VALID" or (h % window == 0 and w % window == 0)):
+            # Non-overlapping windows as a reshape: its gradient is far cheaper on CPU than
+            # the select-and-scatter of reduce_window.
+            oh, ow = h // window, w // window
+            x = x[:, : oh * window, : ow * window].reshape(n, oh, window, ow, window, c)
+            return x.max(axis=(2, 4)) if reduce == "max" else x.mean(axis=(2, 4))
+        dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+        if reduce == "max":
+            return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, padding)
+        summed = lax.reduce_window(x, 0.0, lax.add, dims, strides, padding)
+        counts = lax.reduce_window(jnp.ones_like(x[:1]), 0.0, lax.add, dims, strides, padding)
+        return summed / counts
+
+    return _parameter_free(fn, shape_fn)
+
+
+def max_pool(window: int = 2, stride: int | None = None, padding: str = "VALID") -> Layer:
+    """Max pooling over ``window x window`` patches; ``stride`` defaults to ``window``."""
+    return _pool("max", window, stride, padding)
+
+
+def avg_pool(window: int = 2, stride: int | None = None, padding: str = "VALID") -> Layer:
+    """Average pooling; with SAME padding the mean is over the valid inputs only."""
+    return _pool("avg", window, stride, padding)
+
+
+# --- Parameter-free layers -------------------------------------------------------------------
+
+
+flatten = _parameter_free(
+    lambda x: x.reshape(x.shape[0], -1), lambda shape: (math.prod(shape),)
+)
+"""Flatten everything but the batch axis: (batch, ...) -> (batch, features)."""
+
+relu = _parameter_free(jax.nn.relu)
+tanh = _parameter_free(jnp.tanh)
+sigmoid = _parameter_free(jax.nn.sigmoid)
+identity = _parameter_free(lambda x: x)
+
+
+def serial(*layers: Layer) -> Layer:
+    """Compose layers in order; the params are a tuple with one entry per layer."""
+    if not layers:
+        raise ValueError("serial needs at least one layer")
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise ValueError(f"serial argument {index} is not a Layer: {layer!r}")
+
+    def init(key, input_shape):
+        params = []
+        shape = tuple(input_shape)
+        for layer, layer_key in zip(layers, jax.random.split(key, len(layers))):
+            shape, layer_params = layer.init(layer_key, shape)
+            params.append(layer_params)
+        return shape, tuple(params)
+
+    def apply(params, x):
+        for layer, layer_params in zip(layers, params):
+            x = layer.apply(layer_params, x)
+        return x
+
+    def feedback_apply(params, feedback, x):
+        for layer, layer_params, layer_feedback in zip(layers, params, feedback):
+            x = layer.feedback_apply(layer_params, layer_feedback, x)
+        return x
+
+    return Layer(init, apply, feedback_apply)
+
+
+def from_flax(module) -> Layer:
+    """Adapt a ``flax.linen`` module into a layer (its variables become the params).
+
+    ``module.init`` and ``module.apply`` are the same pair as a layer's, so the adapter only
+    computes the output shape. Feedback alignment cannot see inside the module: its
+    ``feedback_apply`` is the plain forward pass, so the module's gradient is the true one.
+    """
+
+    def init(key, input_shape):
+        dummy = jnp.zeros((1, *input_shape), jnp.float32)
+        variables = module.init(key, dummy)
+        output = jax.eval_shape(module.apply, variables, dummy)
+        return tuple(output.shape[1:]), variables
+
+    def apply(params, x):
+        return module.apply(params, x)
+
+    def feedback_apply(params, feedback, x):
+        del feedback
+        return module.apply(params, x)
+
+    return Layer(init, apply, feedback_apply)
+
+
+# --- The network of blocks ---------------------------------------------------------------------
+
+
+class Network:
+    """A sequence of blocks with one parameter pytree: a tuple, one entry per block.
+
+    Rules that work block by block (DFA, HSIC, Greedy InfoMax) use the block boundaries; the
+    others see ``apply`` as one function.
+
+    Args:
+        blocks: the blocks, each a ``Layer``; the last one produces the logits.
+        input_shape: shape of one example, e.g. ``(8, 8, 1)``.
+    """
+
+    def __init__(self, blocks: Sequence[Layer], input_shape: Sequence[int]):
+        blocks = tuple(blocks)
+        if not blocks:
+            raise ValueError("a Network needs at least one block")
+        for index, block in enumerate(blocks):
+            if not isinstance(block, Layer):
+                raise ValueError(f"block {index} is not a Layer: {block!r}")
+        self.blocks = blocks
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.block_shapes = self._shapes()
+
+    def _shapes(self) -> tuple[Shape, ...]:
+        # Shapes are static Python ints: read them from init traced abstractly, so no
+        # weights are allocated.
+        shapes, shape = [], self.input_shape
+        for block in self.blocks:
+            captured = []
+
+            def trace_init(key, block=block, shape=shape):
+                output_shape, params = block.init(key, shape)
+                captured.append(tuple(int(d) for d in output_shape))
+                return params
+
+            jax.eval_shape(trace_init, jax.random.key(0))
+            shape = captured[0]
+            shapes.append(shape)
+        return tuple(shapes)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        """``("block0", "block1", ...)``: the suffixes of per-block metric names."""
+        return tuple(f"block{i}" for i in range(len(self.blocks)))
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.block_shapes[-1]
+
+    def init(self, key: jax.Array, input_shape: Sequence[int] | None = None) -> tuple:
+        """Initialise the params: a tuple with one entry per block.
+
+        ``input_shape`` defaults to the network's own; a different one is rejected, since
+        every rule sizes its state from the network's shapes.
+        """
+        if input_shape is not None and tuple(input_shape) != self.input_shape:
+            raise ValueError(
+                f"input shape {tuple(input_shape)} does not match the network's "
+                f"{self.input_shape}; build the Network with input_shape={tuple(input_shape)}"
+            )
+        params, shape = [], self.input_shape
+        for block, block_key in zip(self.blocks, jax.random.split(key, len(self.blocks))):
+            shape, block_params = block.init(block_key, shape)
+            params.append(block_params)
+        return tuple(params)
+
+    def apply(self, params, x: jax.Array) -> jax.Array:
+        """Logits of a batch: (batch, *input_shape) -> (batch, *output_shape)."""
+        for block, block_params in zip(self.blocks, params):
+            x = block.apply(block_params, x)
+        return x
+
+    def forward(self, params, x: jax.Array) -> list[jax.Array]:
+        """Every block's output, in order; the last entry is the logits."""
+        outputs = []
+        for block, block_params in zip(self.blocks, params):
+            x = block.apply(block_params, x)
+            outputs.append(x)
+        return outputs
+
+    def feedback_apply(self, params, feedback, x: jax.Array) -> jax.Array:
+        """Logits, with every linear layer's input gradient sent through ``feedback``."""
+        for block, block_params, block_feedback in zip(self.blocks, params, feedback):
+            x = block.feedback_apply(block_params, block_feedback, x)
+        return x
+
+    def check_input(self, x) -> None:
+        """Raise ``ValueError`` if ``x`` is not a batch of this network's input shape."""
+        shape = tuple(x.shape[1:])
+        if shape != self.input_shape:
+            raise ValueError(
+                f"data of shape {shape} per example does not match the network's input shape "
+                f"{self.input_shape}; build the network for this data set's input shape"
+            )
+
+    def __repr__(self) -> str:
+        return f"Network({len(self.blocks)} blocks, input_shape={self.input_shape})"

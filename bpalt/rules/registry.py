@@ -1,0 +1,87 @@
+"""Short names (``bp``, ``fa``, ``dfa``, ...) mapped to rule constructors.
+
+Configs and the command line name rules by these keys. A constructor takes the network,
+the loss and the rule's hyperparameters as keyword arguments and returns an ``UpdateRule``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from bpalt import losses
+from bpalt.nn import Network
+from bpalt.rules.base import UpdateRule
+
+_REGISTRY: dict[str, Callable[..., UpdateRule]] = {}
+_TRAINING: dict[str, dict[str, object]] = {}
+TRAINING_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate")
+
+
+def register(name: str, *, training: dict[str, object] | None = None):
+    """Decorator adding a rule constructor to the registry under ``name``.
+
+    Args:
+        name: the short name used by configs and the command line.
+        training: the rule's recommended training settings on the default CNN and digits,
+            a subset of ``epochs``, ``batch_size``, ``optimizer`` and ``learning_rate``; a
+            comparison uses them unless the user sets those values.
+    """
+    training = dict(training or {})
+    unknown = sorted(set(training) - set(TRAINING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}; accepted: {TRAINING_KEYS}")
+
+    def decorate(constructor):
+        if name in _REGISTRY and _REGISTRY[name] is not constructor:
+            raise ValueError(f"a rule named {name!r} is already registered")
+        _REGISTRY[name] = constructor
+        _TRAINING[name] = training
+        return constructor
+
+    return decorate
+
+
+def training_defaults(name: str) -> dict[str, object]:
+    """The training settings rule ``name`` recommends (may be empty)."""
+    constructor(name)
+    return dict(_TRAINING[name])
+
+
+def names() -> tuple[str, ...]:
+    """Registered rule names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def constructor(name: str) -> Callable[..., UpdateRule]:
+    """Return the constructor registered under ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown rule {name!r}; accepted: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def hyperparameters(name: str) -> dict[str, object]:
+    """Keyword hyperparameters of rule ``name`` and their defaults."""
+    signature = inspect.signature(constructor(name))
+    return {
+        key: parameter.default
+        for key, parameter in signature.parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs) -> UpdateRule:
+    """Build rule ``name`` for ``network`` and ``loss`` with hyperparameters ``kwargs``.
+
+    Raises:
+        ValueError: for an unknown rule name or hyperparameter, naming the accepted ones.
+    """
+    build = constructor(name)
+    accepted = hyperparameters(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for rule {name!r}; "
+            f"accepted: {', '.join(accepted) or 'none'}"
+        )
+    return build(network, losses.get(loss), **kwargs)

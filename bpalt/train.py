@@ -1,0 +1,197 @@
+"""The jitted training step, the epoch loop, evaluation and several seeds under one ``vmap``.
+
+The epoch loop calls one jitted step per batch from Python. On XLA:CPU a rolled ``lax.scan``
+over convolution steps runs the weight-gradient convolution on a slow path (several times
+slower per step), and unrolling it costs minutes of compilation, so per-step calls with
+asynchronous dispatch are the fast option; the host never waits on a step except to report
+progress at the end of an epoch.
+
+Seeds of one rule run as one ``vmap`` over a leading seed axis of every state leaf. A seed
+whose loss becomes non-finite is frozen at its last finite state and flagged as diverged,
+so it cannot take the other seeds down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bpalt.rules.base import UpdateRule
+
+
+class TrainState(NamedTuple):
+    """Everything one run needs to continue training.
+
+    Attributes:
+        params: the network's parameter pytree.
+        rule_state: the update rule's state.
+        opt_state: the optax optimizer's state.
+        key: the run's PRNG key; step keys are folded in from it, never split off, so the
+            state need not change when the key is used.
+        diverged: bool scalar, set once the loss became non-finite; the state then stays at
+            its last finite value.
+        diverged_step: int32 scalar, the step count at which it diverged (-1 if not).
+        step: int32 scalar, the number of steps taken.
+    """
+
+    params: Any
+    rule_state: Any
+    opt_state: Any
+    key: jax.Array
+    diverged: jax.Array
+    diverged_step: jax.Array
+    step: jax.Array
+
+
+def make_train_step(rule: UpdateRule, optimizer: optax.GradientTransformation, *, jit=True):
+    """Return ``step(params, rule_state, opt_state, batch, key) -> (params, rule_state,
+    opt_state, metrics)``, one jitted function that applies ``rule`` through ``optimizer``.
+    """
+
+    def step(params, rule_state, opt_state, batch, key):
+        grads, rule_state, metrics = rule.update(rule_state, params, batch, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, rule_state, opt_state, metrics
+
+    return jax.jit(step) if jit else step
+
+
+def init_train_state(rule: UpdateRule, network, optimizer, key: jax.Array) -> TrainState:
+    """Initialise params, the rule state and the optimizer state of one run from ``key``."""
+    params_key, rule_key, run_key = jax.random.split(key, 3)
+    params = network.init(params_key)
+    rule_state = rule.init(rule_key, params)
+    return TrainState(
+        params=params,
+        rule_state=rule_state,
+        opt_state=optimizer.init(params),
+        key=run_key,
+        diverged=jnp.array(False),
+        diverged_step=jnp.array(-1, jnp.int32),
+        step=jnp.array(0, jnp.int32),
+    )
+
+
+def init_seeds(rule, network, optimizer, seeds) -> TrainState:
+    """Initialise one run per seed, stacked on a leading seed axis."""
+    keys = jnp.stack([jax.random.key(int(seed)) for seed in seeds])
+    return jax.jit(jax.vmap(lambda key: init_train_state(rule, network, optimizer, key)))(keys)
+
+
+def _select(predicate, on_true, on_false):
+    """``jnp.where`` for any leaf, PRNG key arrays included."""
+    if jnp.issubdtype(on_true.dtype, jax.dtypes.prng_key):
+        data = jnp.where(
+            predicate, jax.random.key_data(on_true), jax.random.key_data(on_false)
+        )
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(on_true))
+    return jnp.where(predicate, on_true, on_false)
+
+
+def _guarded_step(step_fn: Callable, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One step of one run that keeps the old state once the loss is non-finite."""
+    step_key = jax.random.fold_in(state.key, state.step)
+    params, rule_state, opt_state, metrics = step_fn(
+        state.params, state.rule_state, state.opt_state, batch, step_key
+    )
+    candidate = (params, rule_state, opt_state)
+    previous = (state.params, state.rule_state, state.opt_state)
+
+    finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)])
+    )
+    newly_diverged = ~finite & ~state.diverged
+    diverged = state.diverged | ~finite
+    params, rule_state, opt_state = jax.tree.map(
+        lambda new, old: _select(diverged, old, new), candidate, previous
+    )
+    new_state = TrainState(
+        params=params,
+        rule_state=rule_state,
+        opt_state=opt_state,
+        key=state.key,
+        diverged=diverged,
+        diverged_step=jnp.where(newly_diverged, state.step, state.diverged_step),
+        step=state.step + 1,
+    )
+    return new_state, metrics
+
+
+def make_seeds_step(rule: UpdateRule, optimizer: optax.GradientTransformation):
+    """Return a jitted ``(state, x, y, indices) -> (state, metrics)`` over stacked seeds.
+
+    ``state`` has a leading seed axis; ``x`` (n, ...) and ``y`` (n,) are the whole training
+    set on the device, shared by all seeds; ``indices`` (seeds, batch) picks each seed's
+    batch, gathered inside the jitted function.
+    """
+    step_fn = make_train_step(rule, optimizer, jit=False)
+
+    def one_seed(state, x, y, indices):
+        return _guarded_step(step_fn, state, (x[indices], y[indices]))
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None, None, 0)), donate_argnums=0)
+
+
+def epoch_permutations(state: TrainState, epoch: int, num_examples: int, batch_size: int):
+    """Each seed's shuffled batch indices for ``epoch``: (steps, seeds, batch).
+
+    The order depends only on the run key and the epoch, so a resumed run sees the same
+    batches. The last partial batch is dropped to keep one compiled shape.
+    """
+    steps = num_examples // batch_size
+
+    def one_seed(key):
+        shuffle_key = jax.random.fold_in(jax.random.fold_in(key, 0x5EED), epoch)
+        order = jax.random.permutation(shuffle_key, num_examples)
+        return order[: steps * batch_size].reshape(steps, batch_size)
+
+    return jnp.swapaxes(jax.vmap(one_seed)(state.key), 0, 1)
+
+
+def run_epoch(seeds_step, state: TrainState, x, y, epoch: int, batch_size: int):
+    """Train every seed for one epoch; return the state and the metrics' mean per seed."""
+    permutations = epoch_permutations(state, epoch, x.shape[0], batch_size)
+    if permutations.shape[0] == 0:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the training set ({x.shape[0]} examples); "
+            "choose a smaller --batch-size"
+        )
+    history = []
+    for indices in permutations:
+        state, metrics = seeds_step(state, x, y, indices)
+        history.append(metrics)
+    means = jax.tree.map(lambda *values: jnp.stack(values).mean(axis=0), *history)
+    return state, means
+
+
+def make_evaluate(rule: UpdateRule, loss, chunk_size: int = 1024):
+    """Return a jitted ``(state, x, y) -> (accuracy, loss)``, each of shape (seeds,)."""
+
+    def one_seed(state, x, y):
+        logits = rule.predict(state.rule_state, state.params, x)
+        correct = jnp.sum(jnp.argmax(logits, axis=-1) == y)
+        return correct, loss(logits, y) * x.shape[0]
+
+    evaluate_chunk = jax.jit(jax.vmap(one_seed, in_axes=(0, None, None)))
+
+    def evaluate(state, x, y):
+        correct, total_loss = 0.0, 0.0
+        for start in range(0, x.shape[0], chunk_size):
+            c, l = evaluate_chunk(state, x[start : start + chunk_size], y[start : start + chunk_size])
+            correct, total_loss = correct + c, total_loss + l
+        n = x.shape[0]
+        return np.asarray(correct) / n, np.asarray(total_loss) / n
+
+    return evaluate
+
+
+def select_seeds(state: TrainState, mask) -> TrainState:
+    """Keep the seeds where ``mask`` (seeds,) is true."""
+    mask = np.asarray(mask)
+    return jax.tree.map(lambda leaf: leaf[mask], state)
