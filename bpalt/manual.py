@@ -80,8 +80,7 @@ def _check_dense_shapes(x, w):
         raise ValueError(f"w must have shape (in, out), got shape {w.shape}.")
     if x.shape[1] != w.shape[0]:
         raise ValueError(
-            f"x has {x.shape[1]} input features but w has {w.shape[0]} rows; "
-            "they must be equal."
+            f"x has {x.shape[1]} input features but w has {w.shape[0]} rows. They must be equal."
         )
 
 
@@ -109,7 +108,7 @@ def dense_backward(x, w, grad_y):
         grad_w = x^T @ grad_y            (in, out)
         grad_b = sum over batch of grad_y  (out,)
 
-    The bias is not needed: y is affine in b with unit slope.
+    The bias is not an argument because y is affine in b with unit slope.
 
     Args:
       x: inputs of the forward pass, shape (batch, in).
@@ -122,9 +121,7 @@ def dense_backward(x, w, grad_y):
     _check_dense_shapes(x, w)
     expected = (x.shape[0], w.shape[1])
     if grad_y.shape != expected:
-        raise ValueError(
-            f"grad_y must have shape (batch, out) = {expected}, got {grad_y.shape}."
-        )
+        raise ValueError(f"grad_y must have shape (batch, out) = {expected}, got {grad_y.shape}.")
 
     grad_x = jnp.matmul(grad_y, w.T, precision=_PRECISION)
     grad_w = jnp.matmul(x.T, grad_y, precision=_PRECISION)
@@ -226,8 +223,8 @@ def _check_conv_args(x, w, stride, padding):
         raise ValueError(f"w must be HWIO with 4 dimensions, got shape {w.shape}.")
     if x.shape[3] != w.shape[2]:
         raise ValueError(
-            f"in channels of x ({x.shape[3]}, last axis) and of w ({w.shape[2]}, "
-            "axis 2 of HWIO) must be equal."
+            f"x has {x.shape[3]} in channels (last axis) but w has {w.shape[2]} "
+            "(axis 2 of HWIO). They must be equal."
         )
 
 
@@ -300,8 +297,8 @@ def conv2d_forward(x, w, b=None, stride=1, padding="VALID"):
       y, shape (batch, out_height, out_width, out_channels).
 
     Raises:
-      ValueError: on an unknown padding, a stride below 1, mismatched channel
-        counts or a kernel larger than the padded input.
+      ValueError: on an unknown padding, a stride that is not a positive int,
+        mismatched channel counts or a kernel larger than the padded input.
     """
     _check_conv_args(x, w, stride, padding)
     pads, _ = _conv_geometry(x.shape, w.shape, stride, padding)
@@ -347,8 +344,8 @@ def conv2d_backward(x, w, grad_y, stride=1, padding="VALID"):
       `(grad_x, grad_w, grad_b)` with the shapes of x, w and (out_channels,).
 
     Raises:
-      ValueError: on an unknown padding, a stride below 1, mismatched channel
-        counts, or a grad_y whose shape differs from the forward output.
+      ValueError: on the invalid arguments listed for `conv2d_forward`, or a
+        grad_y whose shape differs from the forward output.
     """
     _check_conv_args(x, w, stride, padding)
     pads, out_sizes = _conv_geometry(x.shape, w.shape, stride, padding)
@@ -412,8 +409,8 @@ def _conv2d_input_grad(x_shape, w, grad_y, stride, pads):
     # Rotate by 180 degrees and swap in/out channels: (kh, kw, O, C).
     w_rotated = jnp.transpose(jnp.flip(w, axis=(0, 1)), (0, 1, 3, 2))
 
-    # A full convolution pads by kernel size - 1 on every side, so each
-    # input position sees every output position whose window covered it.
+    # A full convolution pads by kernel size - 1 on every side, so each input
+    # position receives gradient from every output whose window covered it.
     dilated = _dilate(grad_y, stride)
     full_pads = ((0, 0), (kernel_h - 1, kernel_h - 1), (kernel_w - 1, kernel_w - 1), (0, 0))
     grad_x_pad = _correlate(jnp.pad(dilated, full_pads), w_rotated)
@@ -426,6 +423,6 @@ def _conv2d_input_grad(x_shape, w, grad_y, stride, pads):
     leftover_w = padded_w - grad_x_pad.shape[2]
     grad_x_pad = jnp.pad(grad_x_pad, ((0, 0), (0, leftover_h), (0, leftover_w), (0, 0)))
 
-    # Crop the forward padding: it is not part of x.
+    # Crop off the forward padding because it is not part of x.
     low_h, low_w = pads[0][0], pads[1][0]
     return grad_x_pad[:, low_h : low_h + height, low_w : low_w + width, :]

@@ -113,13 +113,18 @@ def _matmul(x, w):
 def _linear_layer(linear_fn, init_fn) -> Layer:
     """Wrap a linear map ``linear_fn(x, w)`` with an optional bias into a ``Layer``."""
 
+    def add_bias(params, y):
+        if "b" not in params:
+            return y
+        # An explicit leading axis per batch and spatial dimension keeps the bias add valid
+        # under jax_numpy_rank_promotion="raise".
+        return y + params["b"].reshape((1,) * (y.ndim - 1) + (-1,))
+
     def apply(params, x):
-        y = linear_fn(x, params["w"])
-        return y + params["b"] if "b" in params else y
+        return add_bias(params, linear_fn(x, params["w"]))
 
     def feedback_apply(params, feedback, x):
-        y = feedback_linear(linear_fn, x, params["w"], feedback["w"])
-        return y + params["b"] if "b" in params else y
+        return add_bias(params, feedback_linear(linear_fn, x, params["w"], feedback["w"]))
 
     return Layer(init_fn, apply, feedback_apply)
 
@@ -418,7 +423,7 @@ class Network:
         for block in self.blocks:
             captured = []
 
-            def trace_init(key, block=block, shape=shape):
+            def trace_init(key, block=block, shape=shape, captured=captured):
                 output_shape, params = block.init(key, shape)
                 captured.append(tuple(int(d) for d in output_shape))
                 return params

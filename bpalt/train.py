@@ -183,8 +183,9 @@ def make_evaluate(rule: UpdateRule, loss, chunk_size: int = 1024):
     def evaluate(state, x, y):
         correct, total_loss = 0.0, 0.0
         for start in range(0, x.shape[0], chunk_size):
-            c, l = evaluate_chunk(state, x[start : start + chunk_size], y[start : start + chunk_size])
-            correct, total_loss = correct + c, total_loss + l
+            chunk = slice(start, start + chunk_size)
+            chunk_correct, chunk_loss = evaluate_chunk(state, x[chunk], y[chunk])
+            correct, total_loss = correct + chunk_correct, total_loss + chunk_loss
         n = x.shape[0]
         return np.asarray(correct) / n, np.asarray(total_loss) / n
 

@@ -1,0 +1,95 @@
+"""Atomic files and checkpoints in msgpack, a format that cannot execute code.
+
+A checkpoint stores the leaves of a pytree in order, with PRNG key arrays as their raw
+key data; restoring needs a template of the same structure (for example a freshly
+initialised state), which also says which leaves are keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+
+def write_atomic(path: str | Path, content: bytes | str) -> None:
+    """Write ``content`` to a temporary file in the same folder, then rename it over ``path``.
+
+    A reader sees either the old file or the new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = content.encode() if isinstance(content, str) else content
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(raw)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _is_key(leaf) -> bool:
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def to_bytes(tree, metadata: dict | None = None) -> bytes:
+    """Serialise a pytree's leaves (and a small metadata dict) to msgpack bytes."""
+    leaves = [
+        np.asarray(jax.random.key_data(leaf)) if _is_key(leaf) else np.asarray(leaf)
+        for leaf in jax.tree.leaves(tree)
+    ]
+    payload = {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)}}
+    payload["metadata"] = metadata or {}
+    return serialization.msgpack_serialize(payload)
+
+
+def from_bytes(template, raw: bytes):
+    """Restore a pytree shaped like ``template`` from ``to_bytes`` output.
+
+    Returns:
+        ``(tree, metadata)``.
+
+    Raises:
+        ValueError: if the stored leaves do not match the template's count, shapes or dtypes.
+    """
+    payload = serialization.msgpack_restore(raw)
+    stored = payload["leaves"]
+    template_leaves, treedef = jax.tree.flatten(template)
+    if len(stored) != len(template_leaves):
+        raise ValueError(
+            f"checkpoint has {len(stored)} arrays but the state has {len(template_leaves)}; "
+            "it was written by a different configuration"
+        )
+    leaves = []
+    for i, like in enumerate(template_leaves):
+        value = np.asarray(stored[str(i)])
+        expected = jax.random.key_data(like) if _is_key(like) else like
+        if value.shape != expected.shape or value.dtype != expected.dtype:
+            raise ValueError(
+                f"checkpoint array {i} has shape {value.shape} and dtype {value.dtype}, "
+                f"expected {expected.shape} and {expected.dtype}"
+            )
+        if _is_key(like):
+            leaves.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(like)))
+        else:
+            leaves.append(jnp.asarray(value))
+    return treedef.unflatten(leaves), payload.get("metadata", {})
+
+
+def save(path: str | Path, tree, metadata: dict | None = None) -> None:
+    """Write a checkpoint atomically."""
+    write_atomic(path, to_bytes(tree, metadata))
+
+
+def load(path: str | Path, template):
+    """Read a checkpoint written by ``save``; returns ``(tree, metadata)``."""
+    return from_bytes(template, Path(path).read_bytes())

@@ -1,0 +1,164 @@
+"""The ``bpalt`` command: ``compare``, ``train`` and ``table``.
+
+Bad input (an unknown rule, data set or optimizer, a non-positive count or learning rate,
+a missing data directory or file, a shape mismatch) prints one line naming the value and
+what is accepted, and exits with status 2 before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=_positive_int, help="epochs per run (default 40)")
+    parser.add_argument(
+        "--seeds", type=_positive_int, help="number of seeds per rule, 0..N-1 (default 3)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, help="examples per step (default 64)")
+    parser.add_argument(
+        "--optimizer", help="adam, adamw, sgd, momentum or rmsprop (default adam)"
+    )
+    parser.add_argument(
+        "--learning-rate", type=_positive_float, help="optimizer step size (default 3e-3)"
+    )
+    parser.add_argument(
+        "--dataset", help="digits (default, bundled), mnist, fashion_mnist, kmnist, "
+        "their *_t10k variants, or cifar10"
+    )
+    parser.add_argument("--data-dir", help="directory with the data set's files")
+    parser.add_argument("--config", help="TOML file with settings and per-rule hyperparameters")
+    parser.add_argument(
+        "--diagnostics-every",
+        type=int,
+        help="log alignment diagnostics every N epochs (default 1; 0 turns them off)",
+    )
+    parser.add_argument(
+        "--out", help="output folder (default runs/compare-<UTC time>); reuse it to resume"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpalt",
+        description="Train one CNN with many update rules side by side and compare them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compare = commands.add_parser(
+        "compare", help="train every rule (or --rules) with several seeds and tabulate"
+    )
+    compare.add_argument("--rules", help="comma-separated rule names (default: all registered)")
+    _add_training_options(compare)
+
+    train = commands.add_parser("train", help="train one rule with the same options")
+    train.add_argument("--rule", required=True, help="rule name, e.g. bp, fa, dfa")
+    _add_training_options(train)
+
+    table = commands.add_parser("table", help="re-render the tables and plots of a results folder")
+    table.add_argument("results_dir", help="folder holding results.jsonl")
+    return parser
+
+
+def _comparison(args, rule_names):
+    from bpalt import config
+
+    file_settings = config.read_toml(args.config) if args.config else {}
+    overrides = {
+        "rules": rule_names,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "learning_rate": args.learning_rate,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "diagnostics_every": args.diagnostics_every,
+    }
+    return config.make_comparison(file_settings, overrides)
+
+
+def _print_table(rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bpalt import reporting
+
+    table = Table(title="bpalt comparison")
+    for column in reporting.COLUMNS:
+        table.add_column(column, justify="left" if column in ("rule", "runs") else "right")
+    for cells in reporting.table_rows(rows):
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def _run(args, rule_names) -> int:
+    from bpalt import experiments
+
+    comparison = _comparison(args, rule_names)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"runs/compare-{stamp}")
+    command = "bpalt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows = experiments.compare(comparison, out, command=command, show_progress=not args.quiet)
+    _print_table(rows)
+    print(f"results in {out}/ (summary.md, results.jsonl, curves.png)")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``bpalt`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if argv is not None:
+        sys.argv = ["bpalt", *argv]
+    try:
+        if args.command == "compare":
+            return _run(args, args.rules)
+        if args.command == "train":
+            return _run(args, args.rule)
+        if args.command == "table":
+            from bpalt import reporting
+
+            rows = reporting.render(args.results_dir)
+            _print_table(rows)
+            return 0
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"bpalt: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("bpalt: interrupted; rerun with the same --out to resume", file=sys.stderr)
+        return 130
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

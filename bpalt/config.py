@@ -1,0 +1,237 @@
+"""Comparison configs: which rules, data, network and training settings, validated up front.
+
+A config comes from defaults, an optional TOML file and command-line options. Each rule's
+training settings resolve in this order, first match wins:
+
+1. the rule's own table in the TOML file (``[rule.fa] learning_rate = 1e-3``);
+2. a top-level value from the command line, or else from the TOML file;
+3. the settings the rule recommends (``bpalt.rules.training_defaults``);
+4. the global defaults: 40 epochs, batch 64, Adam, learning rate 3e-3.
+
+A TOML file looks like::
+
+    # Header comment: the published source and the settings it follows.
+    rules = ["bp", "fa", "dfa"]
+    dataset = "digits"
+    seeds = 3
+    epochs = 40
+
+    [model]
+    name = "digits_cnn"          # or "lenet", "mlp" with its arguments
+
+    [rule.fa]
+    feedback_scale = 1.0         # a rule hyperparameter
+    learning_rate = 1e-3         # or a training setting for this rule only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import optax
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from bpalt import data, losses, models, rules
+
+GLOBAL_TRAINING = {"epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3}
+OPTIMIZERS = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": optax.sgd,
+    "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+    "rmsprop": optax.rmsprop,
+}
+TOP_LEVEL_KEYS = {
+    "rules", "dataset", "data_dir", "model", "loss", "seeds", "diagnostics_every",
+    *GLOBAL_TRAINING, "rule",
+}  # fmt: skip
+# Rules whose table in a comparison is read beside this baseline.
+BASELINES = {"hsic": "random_features", "gim": "random_features"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """The resolved settings of one rule's runs (all seeds of that rule)."""
+
+    rule: str
+    hyperparameters: dict[str, Any]
+    epochs: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        return OPTIMIZERS[self.optimizer](self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A comparison of rules on one network and data set, several seeds per rule."""
+
+    rules: tuple[str, ...] = ()
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "digits_cnn"})
+    loss: str = "cross_entropy"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    diagnostics_every: int = 1
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rule_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def runs(self) -> list[RunSpec]:
+        """One ``RunSpec`` per rule, with every setting resolved."""
+        return [self.run(name) for name in self.rules]
+
+    def run(self, name: str) -> RunSpec:
+        settings = dict(self.rule_settings.get(name, {}))
+        training = {**GLOBAL_TRAINING, **rules.training_defaults(name), **self.training}
+        for key in GLOBAL_TRAINING:
+            if key in settings:
+                training[key] = settings.pop(key)
+        return RunSpec(rule=name, hyperparameters=settings, **training)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able record of the comparison and every resolved run."""
+        record = dataclasses.asdict(self)
+        record["seeds"] = list(self.seeds)
+        record["rules"] = list(self.rules)
+        record["runs"] = [dataclasses.asdict(run) for run in self.runs()]
+        return json.loads(json.dumps(record, default=str))
+
+
+def _positive(name: str, value, integer: bool) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def validate_training(settings: dict[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` on a non-positive epoch count, batch size or learning rate."""
+    prefix = f"{where}: " if where else ""
+    for key in ("epochs", "batch_size"):
+        if key in settings:
+            _positive(prefix + key.replace("_", " "), settings[key], integer=True)
+    if "learning_rate" in settings:
+        _positive(prefix + "learning rate", settings["learning_rate"], integer=False)
+    if "optimizer" in settings and settings["optimizer"] not in OPTIMIZERS:
+        raise ValueError(
+            f"{prefix}unknown optimizer {settings['optimizer']!r}; "
+            f"accepted: {', '.join(OPTIMIZERS)}"
+        )
+
+
+def build_network(comparison: Comparison, input_shape, num_classes: int):
+    """Build the comparison's network for the data set's input shape and class count."""
+    model = dict(comparison.model)
+    name = model.pop("name", "digits_cnn")
+    if name not in models.MODELS:
+        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(models.MODELS)}")
+    return models.MODELS[name](input_shape=input_shape, num_classes=num_classes, **model)
+
+
+def with_baselines(rule_names) -> tuple[str, ...]:
+    """Add each rule's baseline (e.g. random features beside HSIC) when it is registered."""
+    names = list(rule_names)
+    for name in list(names):
+        baseline = BASELINES.get(name)
+        if baseline and baseline in rules.names() and baseline not in names:
+            names.append(baseline)
+    return tuple(names)
+
+
+def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) -> Comparison:
+    """Merge TOML settings and command-line overrides into a validated ``Comparison``.
+
+    Args:
+        file_settings: the parsed TOML file (empty without one).
+        overrides: command-line values that were set (``None`` entries are ignored).
+    """
+    unknown = sorted(set(file_settings) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+        )
+    merged = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
+
+    rule_names = merged.get("rules") or list(rules.names())
+    if isinstance(rule_names, str):
+        rule_names = [name.strip() for name in rule_names.split(",") if name.strip()]
+    for name in rule_names:
+        rules.constructor(name)
+    if len(set(rule_names)) != len(rule_names):
+        raise ValueError(f"rules must not repeat, got {rule_names}")
+    rule_names = with_baselines(rule_names)
+
+    dataset = merged.get("dataset", "digits")
+    if dataset not in data.DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(data.DATASETS)}")
+    losses.get(merged.get("loss", "cross_entropy"))
+
+    seeds = merged.get("seeds", 3)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        _positive("seed count", seeds, integer=True)
+        seeds = tuple(range(seeds))
+    else:
+        seeds = tuple(int(s) for s in seeds)
+        if not seeds:
+            raise ValueError("seeds must list at least one seed")
+
+    training = {key: merged[key] for key in GLOBAL_TRAINING if key in merged}
+    validate_training(training)
+    rule_settings = merged.get("rule", {})
+    for name, settings in rule_settings.items():
+        rules.constructor(name)
+        validate_training(settings, where=f"[rule.{name}]")
+        hyper = {k: v for k, v in settings.items() if k not in GLOBAL_TRAINING}
+        accepted = rules.hyperparameters(name)
+        bad = sorted(set(hyper) - set(accepted))
+        if bad:
+            raise ValueError(
+                f"unknown hyperparameter(s) {', '.join(bad)} for rule {name!r}; "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
+
+    diagnostics_every = merged.get("diagnostics_every", 1)
+    if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int):
+        raise ValueError(f"diagnostics_every must be an integer, got {diagnostics_every!r}")
+    if diagnostics_every < 0:
+        raise ValueError(
+            f"diagnostics_every must be >= 0 (0 turns it off), got {diagnostics_every}"
+        )
+
+    model = merged.get("model", {"name": "digits_cnn"})
+    if isinstance(model, str):
+        model = {"name": model}
+
+    return Comparison(
+        rules=tuple(rule_names),
+        dataset=dataset,
+        data_dir=None if merged.get("data_dir") is None else str(merged["data_dir"]),
+        model=dict(model),
+        loss=merged.get("loss", "cross_entropy"),
+        seeds=seeds,
+        diagnostics_every=diagnostics_every,
+        training=training,
+        rule_settings={name: dict(s) for name, s in rule_settings.items()},
+    )
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML config file, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"invalid TOML in {path}: {error}") from None

@@ -1,0 +1,300 @@
+"""Run a comparison: config -> runs -> ``results.jsonl`` -> tables and plots.
+
+Output folder:
+
+- ``config.json``: the resolved comparison; a rerun with another config is rejected.
+- ``results.jsonl``: one line per rule, seed and epoch, appended and flushed as each epoch
+  ends. ``status`` is ``running`` until the run's last epoch (``finished``), or
+  ``diverged`` at the epoch where its loss became non-finite (the run then stops), or
+  ``failed`` with the error when the rule raised.
+- ``checkpoints/<rule>.msgpack``: the state of all seeds of a rule after its last epoch.
+- ``summary.md``, ``summary.tex``, ``curves.png``, ``alignment.png``: rendered from
+  ``results.jsonl`` (``bpalt table`` renders them again without training).
+
+Rerunning with the same folder resumes: finished rules are skipped and an unfinished rule
+continues from its checkpoint. Step keys and batch orders depend only on the seed, the
+epoch and the step, so a resumed run gives the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpalt import checkpoint, config, data, diagnostics, losses, reporting, rules, train
+
+logger = logging.getLogger(__name__)
+DIAGNOSTIC_BATCH = 256
+TERMINAL = ("finished", "diverged")
+
+
+class ConfigMismatchError(ValueError):
+    """The output folder holds a comparison with a different config."""
+
+
+def _config_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old:
+                found.append(f"{where} added ({new[key]!r})")
+            elif key not in new:
+                found.append(f"{where} removed (was {old[key]!r})")
+            else:
+                found.extend(_config_differences(old[key], new[key], where))
+        return found
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def prepare_output(out: Path, record: dict[str, Any]) -> None:
+    """Create ``out`` with ``config.json``, or check that an existing one matches ``record``."""
+    path = out / "config.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        differences = _config_differences(previous, record)
+        if differences:
+            raise ConfigMismatchError(
+                f"{out} holds a comparison with a different config ({'; '.join(differences)}); "
+                "choose another --out or the same settings to resume"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic(path, json.dumps(record, indent=2, sort_keys=True))
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Read ``results.jsonl``, skipping a last line cut short by an interruption."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("skipping unreadable line %d of %s", number, path)
+    return records
+
+
+class ResultsLog:
+    """Append-only ``results.jsonl``: one JSON object a line, flushed and synced per write."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep(self, predicate: Callable[[dict], bool]) -> None:
+        """Rewrite the file atomically with only the records that satisfy ``predicate``."""
+        kept = [r for r in read_results(self.path) if predicate(r)]
+        checkpoint.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        with open(self.path, "a") as file:
+            for record in records:
+                file.write(json.dumps(record, allow_nan=True) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def _rule_status(records: list[dict], rule: str, seeds) -> str:
+    """``done`` if every seed of ``rule`` ended, else ``todo``."""
+    ended = {r["seed"] for r in records if r["rule"] == rule and r["status"] in TERMINAL}
+    return "done" if set(seeds) <= ended else "todo"
+
+
+def _to_float(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class RuleRunner:
+    """Trains all seeds of one rule under one ``vmap`` and reports each epoch."""
+
+    def __init__(self, spec: config.RunSpec, comparison: config.Comparison, network, dataset):
+        self.spec = spec
+        self.network = network
+        self.loss = losses.get(comparison.loss)
+        self.seeds = comparison.seeds
+        self.rule = rules.get(spec.rule, network, self.loss, **spec.hyperparameters)
+        self.optimizer = spec.make_optimizer()
+        self.step = train.make_seeds_step(self.rule, self.optimizer)
+        self.evaluate = train.make_evaluate(self.rule, self.loss)
+        self.diagnostics_every = comparison.diagnostics_every
+        diagnose = diagnostics.make_diagnose(self.rule, network, self.loss)
+        self.diagnose = jax.jit(jax.vmap(diagnose, in_axes=(0, 0, None, None)))
+        self.x_train = jnp.asarray(dataset.x_train)
+        self.y_train = jnp.asarray(dataset.y_train)
+        self.x_test = jnp.asarray(dataset.x_test)
+        self.y_test = jnp.asarray(dataset.y_test)
+        size = min(DIAGNOSTIC_BATCH, dataset.x_train.shape[0])
+        self.diagnostic_batch = (self.x_train[:size], self.y_train[:size])
+
+    def initial_state(self):
+        return train.init_seeds(self.rule, self.network, self.optimizer, self.seeds)
+
+    def train_epoch(self, state, epoch: int):
+        start = time.perf_counter()
+        state, metrics = train.run_epoch(
+            self.step, state, self.x_train, self.y_train, epoch, self.spec.batch_size
+        )
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - start
+        steps = self.x_train.shape[0] // self.spec.batch_size
+        return state, metrics, seconds, steps
+
+    def diagnose_state(self, state) -> dict[str, np.ndarray]:
+        key = jax.random.key(0)
+        metrics = self.diagnose(state.rule_state, state.params, self.diagnostic_batch, key)
+        return {k: np.asarray(v) for k, v in metrics.items()}
+
+    def epoch_records(self, state, epoch, metrics, seconds, steps, diagnosed, was_diverged):
+        """One JSON record per seed still running at the start of this epoch."""
+        accuracy, test_loss = self.evaluate(state, self.x_test, self.y_test)
+        diverged = np.asarray(state.diverged)
+        final = epoch == self.spec.epochs - 1
+        records = []
+        for index, seed in enumerate(self.seeds):
+            if was_diverged[index]:
+                continue
+            status = "diverged" if diverged[index] else ("finished" if final else "running")
+            record = {
+                "rule": self.spec.rule,
+                "seed": int(seed),
+                "epoch": int(epoch),
+                "status": status,
+                "train_loss": _to_float(metrics["loss"][index]),
+                "test_accuracy": float(accuracy[index]),
+                "test_loss": _to_float(test_loss[index]),
+                "epoch_seconds": seconds,
+                "ms_per_step": 1000.0 * seconds / steps,
+            }
+            for name, values in metrics.items():
+                if name != "loss":
+                    record[f"train/{name}"] = _to_float(values[index])
+            for name, values in diagnosed.items():
+                record[name] = _to_float(values[index])
+            if status == "diverged":
+                record["diverged_step"] = int(np.asarray(state.diverged_step)[index])
+            records.append(record)
+        return records
+
+
+def run_rule(runner: RuleRunner, out: Path, log: ResultsLog, progress=None) -> None:
+    """Train one rule's seeds from its checkpoint (if any) to the last epoch."""
+    spec = runner.spec
+    path = out / "checkpoints" / f"{spec.rule}.msgpack"
+    state = runner.initial_state()
+    first_epoch = 0
+    if path.exists():
+        state, metadata = checkpoint.load(path, state)
+        first_epoch = int(metadata["epoch"]) + 1
+        if progress is not None:
+            progress.update(first_epoch)
+
+    for epoch in range(first_epoch, spec.epochs):
+        was_diverged = np.asarray(state.diverged).copy()
+        state, metrics, seconds, steps = runner.train_epoch(state, epoch)
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        every = runner.diagnostics_every
+        due = every > 0 and (epoch % every == 0 or epoch == spec.epochs - 1)
+        diagnosed = runner.diagnose_state(state) if due else {}
+        records = runner.epoch_records(
+            state, epoch, metrics, seconds, steps, diagnosed, was_diverged
+        )
+        log.append(records)
+        checkpoint.save(path, state, {"epoch": epoch})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(rule=spec.rule, epoch=epoch, refresh=False)
+        if np.all(np.asarray(state.diverged)):
+            if progress is not None:
+                progress.update(spec.epochs - epoch - 1)
+            break
+
+
+def load_dataset(comparison: config.Comparison) -> data.Dataset:
+    """Load the comparison's data set (validated before any compilation)."""
+    return data.load(comparison.dataset, comparison.data_dir)
+
+
+def compare(
+    comparison: config.Comparison,
+    out: str | Path,
+    command: str = "",
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every rule of ``comparison`` and write the results folder.
+
+    A rule that raises is recorded as ``failed`` and the others still run. Returns the
+    summary rows (one per rule).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    dataset = load_dataset(comparison)
+    network = config.build_network(comparison, dataset.input_shape, dataset.num_classes)
+    data.check_input_shape(dataset, network.input_shape)
+    specs = comparison.runs()
+    prepare_output(out, comparison.to_json())
+
+    log = ResultsLog(out / "results.jsonl")
+    records = read_results(log.path)
+    pending = [s for s in specs if _rule_status(records, s.rule, comparison.seeds) == "todo"]
+    pending_names = {s.rule for s in pending}
+    log.keep(lambda r: r["rule"] not in pending_names or r["status"] != "failed")
+    _drop_epochs_after_checkpoints(out, log, pending)
+
+    total = sum(s.epochs for s in pending)
+    with tqdm(total=total, desc="training", unit="epoch", disable=not show_progress) as bar:
+        for spec in pending:
+            try:
+                runner = RuleRunner(spec, comparison, network, dataset)
+                run_rule(runner, out, log, bar)
+            except Exception as error:  # one rule's failure must not lose the others
+                logger.exception("rule %s failed", spec.rule)
+                log.append(
+                    [
+                        {
+                            "rule": spec.rule,
+                            "seed": int(seed),
+                            "epoch": -1,
+                            "status": "failed",
+                            "error": f"{type(error).__name__}: {error}",
+                        }
+                        for seed in comparison.seeds
+                    ]
+                )
+
+    return reporting.render(out, command=command)
+
+
+def _drop_epochs_after_checkpoints(out: Path, log: ResultsLog, pending) -> None:
+    """Forget records of unfinished rules written after their last checkpoint.
+
+    Records are appended before the checkpoint is saved, so an interruption between the two
+    leaves an epoch that the resumed run trains again; dropping it avoids a duplicate.
+    """
+    last_saved = {}
+    for spec in pending:
+        path = out / "checkpoints" / f"{spec.rule}.msgpack"
+        last_saved[spec.rule] = _checkpoint_epoch(path)
+    log.keep(lambda r: r["rule"] not in last_saved or r["epoch"] <= last_saved[r["rule"]])
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    if not path.exists():
+        return -1
+    from flax import serialization
+
+    return int(serialization.msgpack_restore(path.read_bytes())["metadata"]["epoch"])

@@ -1,0 +1,286 @@
+"""Tables and plots rendered from ``results.jsonl``, never from live training state.
+
+``render(out)`` writes ``summary.md`` (the table, the command, package versions, machine),
+``summary.tex`` (the same table in LaTeX), ``curves.png`` (test accuracy per epoch, mean
+over seeds with a band of one standard deviation) and ``alignment.png`` (the cosine to the
+backprop gradient per block over training, one panel per rule).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tabulate import tabulate
+
+PACKAGES = ("bpalt", "jax", "jaxlib", "optax", "flax", "numpy", "scikit-learn")
+COLUMNS = (
+    "rule",
+    "test accuracy (%)",
+    "final train loss",
+    "s / epoch",
+    "ms / step",
+    "cosine to backprop",
+    "runs",
+)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    from bpalt.experiments import read_results
+
+    return read_results(path)
+
+
+def _final_records(records) -> dict[str, dict[int, dict]]:
+    """The last record of every (rule, seed)."""
+    final: dict[str, dict[int, dict]] = defaultdict(dict)
+    for record in records:
+        previous = final[record["rule"]].get(record["seed"])
+        if previous is None or record["epoch"] >= previous["epoch"]:
+            final[record["rule"]][record["seed"]] = record
+    return final
+
+
+def _mean_cosine(records) -> float:
+    """Mean of every ``update_cosine/*`` value logged for the rule, over blocks and time."""
+    values = [
+        v
+        for r in records
+        for k, v in r.items()
+        if k.startswith("update_cosine/") and v is not None
+    ]
+    return float(np.mean(values)) if values else math.nan
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per rule, in the order the rules first appear."""
+    by_rule: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_rule[record["rule"]].append(record)
+    final = _final_records(records)
+
+    rows = []
+    for rule, rule_records in by_rule.items():
+        ends = list(final[rule].values())
+        ok = [r for r in ends if r["status"] == "finished"]
+        accuracies = [100 * r["test_accuracy"] for r in ok]
+        epochs = [r for r in rule_records if r["epoch"] >= 1 and "epoch_seconds" in r]
+        timing = epochs or [r for r in rule_records if "epoch_seconds" in r]
+        statuses = defaultdict(int)
+        for r in ends:
+            statuses[r["status"]] += 1
+        rows.append(
+            {
+                "rule": rule,
+                "accuracy_mean": float(np.mean(accuracies)) if accuracies else math.nan,
+                "accuracy_std": float(np.std(accuracies)) if accuracies else math.nan,
+                "train_loss": _mean_or_nan([r.get("train_loss") for r in ok]),
+                "epoch_seconds": _median_or_nan([r["epoch_seconds"] for r in timing]),
+                "ms_per_step": _median_or_nan([r["ms_per_step"] for r in timing]),
+                "cosine": _mean_cosine(rule_records),
+                "statuses": dict(statuses),
+                "diverged_epochs": sorted(r["epoch"] for r in ends if r["status"] == "diverged"),
+                "errors": sorted({r["error"] for r in ends if r.get("error")}),
+                "epochs": max((r["epoch"] for r in ends), default=-1) + 1,
+            }
+        )
+    return rows
+
+
+def _mean_or_nan(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _median_or_nan(values) -> float:
+    return float(np.median(values)) if values else math.nan
+
+
+def _format(value: float, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _runs_cell(row) -> str:
+    parts = [f"{n} {status}" for status, n in sorted(row["statuses"].items())]
+    if row["diverged_epochs"]:
+        parts.append(f"diverged at epoch {', '.join(map(str, row['diverged_epochs']))}")
+    return "; ".join(parts)
+
+
+def table_rows(rows) -> list[list[str]]:
+    """The summary rows as table cells."""
+    cells = []
+    for row in rows:
+        accuracy = (
+            "n/a"
+            if math.isnan(row["accuracy_mean"])
+            else f"{row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f}"
+        )
+        cells.append(
+            [
+                row["rule"],
+                accuracy,
+                _format(row["train_loss"], 4),
+                _format(row["epoch_seconds"], 3),
+                _format(row["ms_per_step"], 2),
+                _format(row["cosine"], 3),
+                _runs_cell(row),
+            ]
+        )
+    return cells
+
+
+def markdown_table(rows) -> str:
+    return tabulate(table_rows(rows), headers=COLUMNS, tablefmt="github")
+
+
+def latex_table(rows) -> str:
+    cells = [[c.replace("±", "$\\pm$") for c in row] for row in table_rows(rows)]
+    return tabulate(cells, headers=COLUMNS, tablefmt="latex_raw")
+
+
+def environment() -> dict[str, str]:
+    """Package versions and a description of the machine."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    import jax
+
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    machine = (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, JAX devices: {len(jax.devices())} x {devices}"
+    )
+    return {"machine": machine, **versions}
+
+
+def summary_markdown(rows, comparison: dict | None, command: str) -> str:
+    env = environment()
+    lines = ["# Comparison", ""]
+    if comparison:
+        lines += [
+            f"Dataset `{comparison.get('dataset')}`, model `{comparison.get('model')}`, "
+            f"seeds {comparison.get('seeds')}. Accuracy is the mean ± standard deviation over "
+            "seeds of the final test accuracy; seconds per epoch and milliseconds per step "
+            "are medians over epochs after the first (which includes compilation), for all "
+            "seeds together under one vmap; the cosine is the mean over blocks and logged "
+            "epochs of `update_cosine`.",
+            "",
+        ]
+    lines += [markdown_table(rows), ""]
+    errors = [(row["rule"], e) for row in rows for e in row["errors"]]
+    if errors:
+        lines += ["Failed rules:", ""] + [f"- `{rule}`: {error}" for rule, error in errors]
+        lines.append("")
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += ["Environment:", ""] + [f"- {k}: {v}" for k, v in env.items()]
+    if comparison:
+        lines += ["", "Resolved config:", "", "```json", json.dumps(comparison, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _curves(records):
+    """``{rule: (epochs, mean, std)}`` of test accuracy over seeds."""
+    grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["epoch"] >= 0 and "test_accuracy" in r:
+            grouped[r["rule"]][r["epoch"]].append(100 * r["test_accuracy"])
+    curves = {}
+    for rule, by_epoch in grouped.items():
+        epochs = sorted(by_epoch)
+        values = [by_epoch[e] for e in epochs]
+        curves[rule] = (
+            np.array(epochs) + 1,
+            np.array([np.mean(v) for v in values]),
+            np.array([np.std(v) for v in values]),
+        )
+    return curves
+
+
+def plot_curves(records, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rule, (epochs, mean, std) in _curves(records).items():
+        ax.plot(epochs, mean, label=rule)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy per epoch (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_alignment(records, path: Path) -> bool:
+    """Plot ``update_cosine/<block>`` over epochs per rule; False if nothing was logged."""
+    series: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("update_cosine/") and value is not None:
+                series[r["rule"]][key.split("/", 1)[1]][r["epoch"]].append(value)
+    if not series:
+        return False
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(series), figsize=(3.6 * len(series), 3.4), squeeze=False, sharey=True
+    )
+    for ax, (rule, blocks) in zip(axes[0], series.items()):
+        for block, by_epoch in sorted(blocks.items()):
+            epochs = sorted(by_epoch)
+            ax.plot(np.array(epochs) + 1, [np.mean(by_epoch[e]) for e in epochs], label=block)
+        ax.set_title(rule)
+        ax.set_xlabel("epoch")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("cosine to backprop gradient")
+    axes[0][-1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def render(out: str | Path, command: str = "") -> list[dict[str, Any]]:
+    """Write ``summary.md``, ``summary.tex`` and the plots from ``out/results.jsonl``."""
+    from bpalt.checkpoint import write_atomic
+
+    out = Path(out)
+    results = out / "results.jsonl"
+    if not results.exists():
+        raise FileNotFoundError(f"no results.jsonl in {out}; run `bpalt compare --out {out}` first")
+    records = _read(results)
+    config_path = out / "config.json"
+    comparison = json.loads(config_path.read_text()) if config_path.exists() else None
+    if not command and (out / "command.txt").exists():
+        command = (out / "command.txt").read_text().strip()
+
+    rows = summarize(records)
+    write_atomic(out / "summary.md", summary_markdown(rows, comparison, command))
+    write_atomic(out / "summary.tex", latex_table(rows) + "\n")
+    plot_curves(records, out / "curves.png")
+    plot_alignment(records, out / "alignment.png")
+    return rows
