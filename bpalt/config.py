@@ -135,7 +135,14 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
     name = model.pop("name", "digits_cnn")
     if name not in models.MODELS:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(models.MODELS)}")
-    return models.MODELS[name](input_shape=input_shape, num_classes=num_classes, **model)
+    # A config may fix the network's input shape; the data must then match it.
+    model.setdefault("input_shape", tuple(input_shape))
+    model["input_shape"] = tuple(model["input_shape"])
+    model.setdefault("num_classes", num_classes)
+    try:
+        return models.MODELS[name](**model)
+    except TypeError as error:
+        raise ValueError(f"invalid [model] settings for {name!r}: {error}") from None
 
 
 def with_baselines(rule_names) -> tuple[str, ...]:

@@ -10,7 +10,13 @@ from bpalt.rules.direct_feedback_alignment import (
     DirectFeedbackAlignmentState,
     direct_feedback_alignment,
 )
+from bpalt.rules.evolution_strategies import (
+    EvolutionStrategiesState as EvolutionStrategiesState,
+)
+from bpalt.rules.evolution_strategies import evolution_strategies as evolution_strategies
 from bpalt.rules.feedback_alignment import FeedbackAlignmentState, feedback_alignment
+from bpalt.rules.ntk_linearized import NTKLinearizedState as NTKLinearizedState
+from bpalt.rules.ntk_linearized import ntk_linearized as ntk_linearized
 from bpalt.rules.registry import (
     constructor,
     get,

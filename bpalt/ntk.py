@@ -1,0 +1,375 @@
+"""Neural tangent kernels in plain JAX: the linearised model, the empirical NTK and MSE training.
+
+For a network ``f(theta, x)`` with C outputs, the empirical neural tangent kernel (Jacot et
+al. 2018, arXiv:1806.07572) of two inputs is the C x C matrix
+
+    Theta(x1, x2) = J(theta, x1) J(theta, x2)^T,    J(theta, x) = d f(theta, x) / d theta.
+
+Around a point ``theta0`` the network's first-order Taylor expansion (Lee et al. 2019,
+arXiv:1902.06720)
+
+    f_lin(theta, x) = f(theta0, x) + J(theta0, x) (theta - theta0)
+
+is linear in ``theta``. Gradient descent on the squared error moves f_lin's outputs by the
+fixed kernel ``Theta`` at ``theta0``, which gives the closed form of ``predict_mse``.
+
+Nothing here depends on neural-tangents, which does not import with current JAX releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bpalt.nn import Network
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+NTK_METHODS = ("jacobian", "ntvp")
+DEFAULT_NTK_METHOD = "jacobian"
+
+
+# --- The linearised model -----------------------------------------------------------------
+
+
+def _apply_fn(network: Network | ApplyFn) -> ApplyFn:
+    """``network.apply`` for a ``Network``; any other callable ``f(params, x)`` as it is."""
+    if isinstance(network, Network):
+        return network.apply
+    if callable(network):
+        return network
+    raise ValueError(
+        f"expected a bpalt Network or a function f(params, x), got {type(network).__name__}"
+    )
+
+
+def linearize(network: Network | ApplyFn, params0) -> ApplyFn:
+    """Return ``f_lin(params, x)``, the first-order Taylor expansion of ``f`` at ``params0``.
+
+    ``f_lin(theta, x) = f(theta0, x) + J(theta0, x) (theta - theta0)``, computed with one
+    ``jax.jvp`` (a forward pass plus a Jacobian-vector product), so the Jacobian is never
+    built. ``f_lin`` is exactly linear in ``theta`` and equals ``f`` at ``theta0``; its
+    gradient with respect to ``theta`` is ``J(theta0, x)^T`` times the output cotangent.
+
+    Args:
+        network: a ``Network`` or a function ``f(params, x) -> outputs``.
+        params0: the linearisation point, a pytree of the params' structure.
+
+    Returns:
+        ``f_lin(params, x) -> outputs`` of the same shape as ``f(params, x)``.
+    """
+    apply = _apply_fn(network)
+
+    def f_lin(params, x):
+        delta = jax.tree.map(jnp.subtract, params, params0)
+        outputs0, tangent = jax.jvp(lambda p: apply(p, x), (params0,), (delta,))
+        return outputs0 + tangent
+
+    return f_lin
+
+
+# --- Per-example Jacobians ----------------------------------------------------------------
+
+
+def _single_example(apply: ApplyFn) -> ApplyFn:
+    """``f`` on one example: (*input_shape) -> (C,), the outputs flattened."""
+
+    def single(params, x):
+        return apply(params, x[None]).reshape(-1)
+
+    return single
+
+
+def _jacobian_rows(apply: ApplyFn, params, x):
+    """Per-example Jacobians, one (n, C, P_leaf) array per params leaf.
+
+    Each example's C output rows come from C vector-Jacobian products at that example alone
+    (``jax.jacrev`` of the single-example function under ``vmap``). The Jacobian of the
+    whole batch would cost n times more, because each output row depends on one example.
+    """
+    jacobian = jax.vmap(jax.jacrev(_single_example(apply)), in_axes=(None, 0))(params, x)
+    return [leaf.reshape(leaf.shape[0], leaf.shape[1], -1) for leaf in jax.tree.leaves(jacobian)]
+
+
+def _contract(rows1, rows2, trace: bool):
+    """Sum over params leaves of ``J1 J2^T``: (n1, n2, C, C), or (n1, n2) for ``trace``."""
+    n1, n2, c = rows1[0].shape[0], rows2[0].shape[0], rows1[0].shape[1]
+    if trace:
+        # One matrix product per leaf over the flattened (output, parameter) axis.
+        kernel = sum(a.reshape(n1, -1) @ b.reshape(n2, -1).T for a, b in zip(rows1, rows2))
+        return kernel / c
+
+    kernel = sum(a.reshape(n1 * c, -1) @ b.reshape(n2 * c, -1).T for a, b in zip(rows1, rows2))
+    return kernel.reshape(n1, c, n2, c).transpose(0, 2, 1, 3)
+
+
+def _ntk_jacobian(apply: ApplyFn, params, x1, x2, trace: bool, same: bool):
+    """Empirical NTK by Jacobian contraction: per-example Jacobians, then their products."""
+    rows1 = _jacobian_rows(apply, params, x1)
+    rows2 = rows1 if same else _jacobian_rows(apply, params, x2)
+    return _contract(rows1, rows2, trace)
+
+
+def _ntk_vector_products(apply: ApplyFn, params, x1, x2, trace: bool, same: bool):
+    """Empirical NTK by NTK-vector products ``Theta v = J(x1) (J(x2)^T v)``.
+
+    ``v`` runs over the basis of the (n2, C) outputs at ``x2``. A basis vector touches one
+    example, so ``J(x2)^T v`` is one vector-Jacobian product at that example; its
+    Jacobian-vector product with ``f(., x1)`` is one (n1, C) column block of the kernel. No
+    Jacobian of ``x1`` is stored, which helps when there are many params.
+    """
+    del same
+    single = _single_example(apply)
+    num_outputs = jax.eval_shape(single, params, x2[0]).shape[0]
+    basis = jnp.eye(num_outputs, dtype=x2.dtype)
+
+    def column(x, cotangent):
+        _, vjp = jax.vjp(lambda p: single(p, x), params)
+        (tangent,) = vjp(cotangent)
+        _, outputs = jax.jvp(lambda p: apply(p, x1), (params,), (tangent,))
+        return outputs.reshape(x1.shape[0], -1)
+
+    # columns[j, b] = Theta(x1, x2_j)[:, :, b], of shape (n1, C).
+    columns = jax.vmap(lambda x: jax.vmap(lambda e: column(x, e))(basis))(x2)
+    kernel = columns.transpose(2, 0, 3, 1)
+    if trace:
+        return jnp.mean(jnp.diagonal(kernel, axis1=2, axis2=3), axis=-1)
+    return kernel
+
+
+_NTK_IMPLEMENTATIONS = {"jacobian": _ntk_jacobian, "ntvp": _ntk_vector_products}
+
+
+# --- Tiling -------------------------------------------------------------------------------
+
+
+def _pad_to_tiles(x, tile: int):
+    """Pad the batch axis to a multiple of ``tile`` and reshape to (tiles, tile, ...)."""
+    n = x.shape[0]
+    tiles = -(-n // tile)
+    padding = [(0, tiles * tile - n)] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(x, padding).reshape(tiles, tile, *x.shape[1:])
+
+
+def _tiled(kernel_fn, x1, x2, tile: int, trace: bool):
+    """Evaluate ``kernel_fn(x1_tile, x2_tile)`` over all tile pairs and stitch the result.
+
+    Only one tile of each input (and its Jacobian, for the Jacobian method) is alive at a
+    time, so memory is bounded by ``tile``, not by the number of examples. Partial last tiles
+    are padded with zeros and the padded rows dropped.
+    """
+    n1, n2 = x1.shape[0], x2.shape[0]
+    tiles1, tiles2 = _pad_to_tiles(x1, tile), _pad_to_tiles(x2, tile)
+
+    def row(x1_tile):
+        return lax.map(lambda x2_tile: kernel_fn(x1_tile, x2_tile), tiles2)
+
+    # blocks: (tiles1, tiles2, tile, tile, [C, C]).
+    blocks = lax.map(row, tiles1)
+    t1, t2 = blocks.shape[:2]
+    kernel = jnp.swapaxes(blocks, 1, 2).reshape(t1 * tile, t2 * tile, *blocks.shape[4:])
+    return kernel[:n1, :n2]
+
+
+# --- Public API -----------------------------------------------------------------------------
+
+
+def _check_ntk_arguments(x1, x2, method: str, batch_size) -> None:
+    if method not in NTK_METHODS:
+        accepted = ", ".join(repr(m) for m in NTK_METHODS)
+        raise ValueError(f"method must be one of {accepted}, got {method!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if x1.ndim < 1 or x2.ndim < 1 or x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 must be batches of the same example shape, got shapes {x1.shape} and "
+            f"{x2.shape}"
+        )
+
+
+def empirical_ntk(
+    network: Network | ApplyFn,
+    params,
+    x1: jax.Array,
+    x2: jax.Array | None = None,
+    *,
+    trace: bool = True,
+    method: str = DEFAULT_NTK_METHOD,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """Compute the empirical neural tangent kernel ``J(x1) J(x2)^T`` at ``params``.
+
+    ``Theta(x1_i, x2_j)[a, b] = sum_p d f_a(x1_i) / d theta_p * d f_b(x2_j) / d theta_p``,
+    summed over every parameter (Jacot et al. 2018, arXiv:1806.07572). Outputs beyond the
+    batch axis are flattened to C.
+
+    Args:
+        network: a ``Network`` or a function ``f(params, x) -> outputs`` whose outputs for
+            each example depend on that example alone.
+        params: the point at which the Jacobians are taken.
+        x1: inputs (n1, *input_shape).
+        x2: inputs (n2, *input_shape); ``None`` or ``x1`` itself computes each Jacobian once.
+        trace: ``True`` returns the (n1, n2) kernel traced over the outputs, defined as the
+            MEAN over the output axis, ``(1/C) sum_a Theta[a, a]`` (the convention of
+            neural-tangents' ``trace_axes``), so ``C`` times it is the trace of the full
+            kernel. ``False`` returns the full (n1, n2, C, C) kernel.
+        method: ``"jacobian"`` (per-example Jacobians by reverse mode, then one matrix
+            product per params leaf; the fastest here) or ``"ntvp"`` (NTK-vector products
+            ``J(x1) (J(x2)^T v)`` by ``vjp`` then ``jvp``, storing no Jacobian of ``x1``).
+        batch_size: tile size over ``x1`` and ``x2``; ``None`` computes all at once. Tiles
+            bound the memory (one tile of Jacobians at a time) and give the same kernel.
+
+    Returns:
+        (n1, n2) if ``trace`` else (n1, n2, C, C).
+
+    Example:
+        >>> import jax
+        >>> from bpalt import models, ntk
+        >>> network = models.digits_cnn()
+        >>> params = network.init(jax.random.key(0))
+        >>> x = jax.numpy.ones((4, 8, 8, 1))
+        >>> ntk.empirical_ntk(network, params, x).shape
+        (4, 4)
+    """
+    apply = _apply_fn(network)
+    same = x2 is None or x2 is x1
+    x2 = x1 if x2 is None else x2
+    _check_ntk_arguments(x1, x2, method, batch_size)
+
+    implementation = _NTK_IMPLEMENTATIONS[method]
+    if batch_size is None or batch_size >= max(x1.shape[0], x2.shape[0]):
+        return implementation(apply, params, x1, x2, trace, same)
+
+    def kernel_fn(x1_tile, x2_tile):
+        return implementation(apply, params, x1_tile, x2_tile, trace, False)
+
+    return _tiled(kernel_fn, x1, x2, batch_size, trace)
+
+
+# --- Gradient descent on the squared error in closed form -----------------------------------
+
+
+def _flatten_kernel(kernel, n: int, num_outputs: int):
+    """A (n, m, C, C) kernel as (n C, m C); a (n, m) kernel as it is."""
+    if kernel.ndim == 2:
+        return kernel
+    m = kernel.shape[1]
+    return kernel.transpose(0, 2, 1, 3).reshape(n * num_outputs, m * num_outputs)
+
+
+def _check_mse_shapes(ntk_train_train, y_train, fx_train_0, ntk_test_train, fx_test_0):
+    n = y_train.shape[0]
+    if y_train.ndim != 2 or fx_train_0.shape != y_train.shape:
+        raise ValueError(
+            f"y_train and fx_train_0 must both be (n, C), got {y_train.shape} and "
+            f"{fx_train_0.shape}"
+        )
+    c = y_train.shape[1]
+    if ntk_train_train.shape not in ((n, n), (n, n, c, c)):
+        raise ValueError(
+            f"ntk_train_train must be ({n}, {n}) or ({n}, {n}, {c}, {c}), got "
+            f"{ntk_train_train.shape}"
+        )
+    if (ntk_test_train is None) != (fx_test_0 is None):
+        raise ValueError("give both ntk_test_train and fx_test_0, or neither")
+    if ntk_test_train is not None:
+        m = fx_test_0.shape[0]
+        expected = (m, n) if ntk_train_train.ndim == 2 else (m, n, c, c)
+        if ntk_test_train.shape != expected or fx_test_0.shape != (m, c):
+            raise ValueError(
+                f"ntk_test_train must be {expected} with fx_test_0 ({m}, {c}), got "
+                f"{ntk_test_train.shape} and {fx_test_0.shape}"
+            )
+
+
+def predict_mse(
+    ntk_train_train: jax.Array,
+    y_train: jax.Array,
+    fx_train_0: jax.Array,
+    t=None,
+    *,
+    learning_rate: float = 1.0,
+    ntk_test_train: jax.Array | None = None,
+    fx_test_0: jax.Array | None = None,
+    diag_reg: float = 0.0,
+):
+    """Outputs of the linearised network after gradient flow on the squared error.
+
+    The loss is bpalt's ``mean_squared_error``, ``L = 1/(2n) sum_i ||f(x_i) - y_i||^2`` over
+    the n training examples, and the params follow the gradient flow
+    ``d theta / dt = -learning_rate * grad L``, the limit of gradient descent with step
+    ``learning_rate`` as the step shrinks, so ``t`` counts steps. For the linearised network
+    the training outputs then obey ``d f / dt = -(learning_rate / n) Theta (f - y)``, with
+    ``Theta`` the NTK on the training set at the initial params (Lee et al. 2019,
+    arXiv:1902.06720). With the eigendecomposition ``Theta = V diag(lambda) V^T`` (negative
+    eigenvalues, which only rounding produces, clipped to zero) and ``s = learning_rate t / n``:
+
+        f_t(X) = y + V diag(exp(-s lambda)) V^T (f_0(X) - y)
+        f_t(x) = f_0(x) + Theta(x, X) V diag((1 - exp(-s lambda)) / lambda) V^T (y - f_0(X))
+
+    At ``t = inf`` the second line is kernel regression on the residual,
+    ``f_0(x) + Theta(x, X) Theta^+ (y - f_0(X))``, and the training outputs reach ``y``
+    wherever ``Theta`` is non-singular. Eigenvalues below a relative tolerance count as zero.
+
+    A traced (n, n) kernel ``K`` is used as ``K`` times the C x C identity: every output
+    column trains independently with the same kernel, exact when the full kernel has that
+    form and otherwise an approximation.
+
+    Args:
+        ntk_train_train: (n, n, C, C) full or (n, n) traced NTK on the training inputs.
+        y_train: (n, C) float targets (one-hot for classes).
+        fx_train_0: (n, C) outputs on the training inputs at the initial params.
+        t: training time in steps of size ``learning_rate``; ``None`` or ``inf`` for the
+            limit. A scalar, possibly traced.
+        learning_rate: the gradient-descent learning rate.
+        ntk_test_train: (m, n, C, C) or (m, n) NTK between test and training inputs.
+        fx_test_0: (m, C) outputs on the test inputs at the initial params.
+        diag_reg: adds ``diag_reg`` times the mean diagonal entry to ``Theta``'s diagonal
+            (ridge regularisation); 0 for plain gradient flow.
+
+    Returns:
+        ``fx_train_t`` (n, C), or ``(fx_train_t, fx_test_t)`` when test inputs are given.
+    """
+    _check_mse_shapes(ntk_train_train, y_train, fx_train_0, ntk_test_train, fx_test_0)
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+    if not diag_reg >= 0:
+        raise ValueError(f"diag_reg must be non-negative, got {diag_reg!r}")
+    n, c = y_train.shape
+    traced = ntk_train_train.ndim == 2
+
+    # Columns are output channels for a traced kernel, one vector of n C entries otherwise.
+    residual = (fx_train_0 - y_train) if traced else (fx_train_0 - y_train).reshape(n * c, 1)
+    kernel = _flatten_kernel(ntk_train_train, n, c)
+    kernel = kernel + diag_reg * jnp.mean(jnp.diagonal(kernel)) * jnp.eye(kernel.shape[0])
+
+    eigenvalues, eigenvectors = jnp.linalg.eigh(kernel)
+    eigenvalues = jnp.maximum(eigenvalues, 0.0)
+    tolerance = eigenvalues.max() * kernel.shape[0] * jnp.finfo(kernel.dtype).eps
+    positive = eigenvalues > tolerance
+    safe = jnp.where(positive, eigenvalues, 1.0)
+
+    # Flow time s = learning_rate t / n; t = inf gives decay 0 and gain 1 / lambda.
+    t = jnp.inf if t is None else t
+    time = (learning_rate / n) * jnp.asarray(t, kernel.dtype)
+    decay = jnp.where(positive, jnp.exp(-time * safe), 1.0)
+    # (1 - exp(-s lambda)) / lambda, with its limit s at lambda = 0. Null directions of Theta
+    # are orthogonal to Theta(x, X) in exact arithmetic; at t = inf their gain is set to 0.
+    null_gain = jnp.where(jnp.isinf(time), 0.0, time)
+    gain = jnp.where(positive, -jnp.expm1(-time * safe) / safe, null_gain)
+
+    projected = eigenvectors.T @ residual
+    fx_train_t = y_train + (eigenvectors @ (decay[:, None] * projected)).reshape(n, c)
+    if ntk_test_train is None:
+        return fx_train_t
+
+    m = fx_test_0.shape[0]
+    cross = _flatten_kernel(ntk_test_train, m, c)
+    fx_test_t = fx_test_0 - (cross @ (eigenvectors @ (gain[:, None] * projected))).reshape(m, c)
+    return fx_train_t, fx_test_t

@@ -1,0 +1,289 @@
+"""HSIC bottleneck (Ma, Lewis, Kleijn 2020, arXiv:1908.01580)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from scipy.optimize import linear_sum_assignment
+
+from bpalt import hsic, losses
+from bpalt.nn import Network
+from bpalt.rules.base import UpdateRule, check_choice, check_positive
+from bpalt.rules.random_features import check_has_hidden_block
+from bpalt.rules.registry import register
+
+ESTIMATORS = ("normalized", "plain")
+MODES = ("simultaneous", "sequential")
+READOUTS = ("joint", "after")
+
+
+class HSICBottleneckState(NamedTuple):
+    """State of the HSIC bottleneck rule.
+
+    Attributes:
+        step: int32 scalar, the number of updates taken. With ``readout="after"`` it
+            decides the phase: the hidden blocks learn while ``step < hsic_steps``, the
+            read-out afterwards.
+    """
+
+    step: jax.Array
+
+
+class Estimator(NamedTuple):
+    """An HSIC estimator split into a per-variable matrix and a pairwise combination.
+
+    Attributes:
+        prepare: ``(m, m) kernel -> (m, m) matrix``, computed once per variable and step.
+        combine: ``(matrix_a, matrix_b) -> scalar`` HSIC estimate.
+    """
+
+    prepare: Callable[[jax.Array], jax.Array]
+    combine: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def make_estimator(name: str, epsilon: float) -> Estimator:
+    """The ``"plain"`` (biased HSIC) or ``"normalized"`` (``tr(R_X R_Z)``) estimator."""
+    if name == "plain":
+        return Estimator(hsic.center, hsic.hsic_from_centred)
+    return Estimator(lambda kernel: hsic.normalized_kernel(kernel, epsilon), hsic.normalized_hsic)
+
+
+def hidden_representation(network: Network, params, x: jax.Array) -> jax.Array:
+    """Output of the last hidden block, flattened: (batch, units)."""
+    for block, block_params in zip(network.blocks[:-1], params[:-1]):
+        x = block.apply(block_params, x)
+    return x.reshape(x.shape[0], -1)
+
+
+def unformatted_accuracy(outputs, labels, num_classes: int) -> float:
+    """Accuracy of a hidden layer read without a trained output layer.
+
+    Each class is matched to a distinct unit by the units' mean activation on that class
+    (the assignment that maximises the summed mean activation of the matched pairs), each
+    example is classified by its most active unit, and the per-class recalls are averaged
+    over the classes present in ``labels``. This reads the last HSIC-trained block as a
+    classifier, as the authors do, so that block's width must equal ``num_classes``.
+
+    Args:
+        outputs: (n, units) activations, e.g. from ``hidden_representation``.
+        labels: (n,) integer classes in ``0 .. num_classes - 1``.
+        num_classes: the number of classes.
+
+    Returns:
+        A Python float in [0, 1].
+
+    Raises:
+        ValueError: if ``units != num_classes``, since argmax over the units cannot then
+            name a class.
+    """
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(labels), -1)
+    labels = np.asarray(labels)
+    if outputs.shape[1] != num_classes:
+        raise ValueError(
+            f"unformatted accuracy needs one unit per class, but the representation has "
+            f"{outputs.shape[1]} units for {num_classes} classes; use a last hidden block of "
+            f"width {num_classes} or evaluate the trained read-out instead"
+        )
+
+    present = np.unique(labels)
+    mean_activation = np.stack([outputs[labels == c].mean(axis=0) for c in present])
+    classes, units = linear_sum_assignment(mean_activation, maximize=True)
+    class_of_unit = np.full(num_classes, -1)
+    class_of_unit[units] = present[classes]
+
+    predicted = class_of_unit[np.argmax(outputs, axis=1)]
+    recalls = [np.mean(predicted[labels == c] == c) for c in present]
+    return float(np.mean(recalls))
+
+
+def freeze_hidden_after(optimizer: optax.GradientTransformation, steps: int):
+    """Wrap ``optimizer`` so that every block but the last stops moving after ``steps``.
+
+    With ``readout="after"`` the rule's directions for the hidden blocks are exact zeros in
+    the read-out phase, but an optimizer with momentum or adaptive moments (Adam) would keep
+    moving those blocks on its stored moments. This wrapper sets their updates to exact
+    zeros from update ``steps`` on, so the HSIC-trained blocks stay bitwise unchanged.
+
+    Args:
+        optimizer: any optax transformation of a params tuple with one entry per block.
+        steps: the number of updates after which the hidden blocks freeze.
+    """
+    check_positive("steps", steps, integer=True)
+
+    def init(params):
+        return (optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    def update(grads, state, params=None):
+        inner_state, count = state
+        updates, inner_state = optimizer.update(grads, inner_state, params)
+        frozen = count >= steps
+        hidden = jax.tree.map(
+            lambda u: jnp.where(frozen, jnp.zeros_like(u), u), updates[:-1]
+        )
+        return (*hidden, updates[-1]), (inner_state, count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+@register(
+    "hsic",
+    training={"epochs": 30, "batch_size": 256, "optimizer": "adam", "learning_rate": 1e-3},
+)
+def hsic_bottleneck(
+    network: Network,
+    loss=losses.softmax_cross_entropy,
+    *,
+    sigma: float = 5.0,
+    sigma_x: float | None = None,
+    sigma_y: float | None = None,
+    beta: float = 100.0,
+    estimator: str = "normalized",
+    epsilon: float = hsic.NORMALIZED_HSIC_EPSILON,
+    mode: str = "simultaneous",
+    sequential_step_size: float = 1e-3,
+    readout: str = "joint",
+    hsic_steps: int = 1000,
+) -> UpdateRule:
+    """HSIC bottleneck: each hidden block trades dependence on the input for the labels.
+
+    Every hidden block ``l`` minimises, over its own params only,
+    ``HSIC(Z_l, X) - beta * HSIC(Z_l, Y)`` with ``Z_l`` its flattened output, ``X`` the
+    flattened input and ``Y`` the one-hot labels. Each block's input is stopped, so no
+    gradient crosses a block boundary. The kernels are Gaussian on squared distances,
+    ``exp(-D / (2 sigma^2 d))`` with ``d`` the variable's dimension. The last block is a
+    linear read-out trained with ``loss`` on the stopped last hidden representation, so the
+    read-out never changes the hidden blocks. ``grads`` is not the gradient of a
+    classification loss: the hidden blocks get the gradients of their HSIC objectives and
+    the read-out the gradient of its own loss.
+
+    Args:
+        network: at least two blocks; all but the last are trained by HSIC, the last one is
+            the read-out.
+        loss: the read-out's ``loss(logits, labels) -> scalar``.
+        sigma: kernel width shared by ``X``, ``Y`` and every ``Z_l``.
+        sigma_x: kernel width of the input; ``None`` uses ``sigma``.
+        sigma_y: kernel width of the labels; ``None`` uses ``sigma``.
+        beta: weight of the label term.
+        estimator: ``"normalized"`` (``tr(R_Z R_X)`` with ``R = K_c (K_c + eps m I)^-1``,
+            what the authors' code trains with) or ``"plain"`` (biased HSIC,
+            ``(m - 1)^-2 tr(K_X H K_Z H)``).
+        epsilon: the ridge ``eps`` of the normalised estimator.
+        mode: ``"simultaneous"`` (one gradient of the summed block losses at the current
+            params) or ``"sequential"`` (as in the authors' code, the next block's input is
+            recomputed after each block's update within the batch; see the note).
+        sequential_step_size: the SGD step of the look-ahead update in sequential mode.
+        readout: ``"joint"`` (the read-out learns from the first step, beside the hidden
+            blocks) or ``"after"`` (the hidden blocks learn for ``hsic_steps`` updates, then
+            only the read-out learns; wrap the optimizer with ``freeze_hidden_after`` so
+            that momentum cannot move the hidden blocks in that phase).
+        hsic_steps: the length of the HSIC phase with ``readout="after"``.
+
+    Returns:
+        An ``UpdateRule`` with state ``HSICBottleneckState``. Metrics: ``loss`` (the
+        read-out's), and per hidden block ``hsic_loss/<block>``, ``hsic_zx/<block>`` and
+        ``hsic_zy/<block>``.
+
+    .. note::
+        In sequential mode the rule cannot run the optimizer between blocks, so it
+        recomputes block ``l + 1``'s input with block ``l`` moved by one SGD step of size
+        ``sequential_step_size`` along its direction. This equals the authors' procedure
+        when the optimizer is SGD with that learning rate; the returned ``grads`` are each
+        block's direction at that recomputed input.
+
+    .. note::
+        ``K_c`` is the two-sided centred kernel ``H K H``. The authors' code centres on one
+        side (``K H``); both have the same eigenvalues, and ``H K H`` is symmetric, so
+        ``K_c + eps m I`` is solved by Cholesky.
+    """
+    check_has_hidden_block(network, "hsic")
+    check_positive("sigma", sigma)
+    check_positive("beta", beta)
+    check_positive("epsilon", epsilon)
+    check_positive("sequential_step_size", sequential_step_size)
+    check_positive("hsic_steps", hsic_steps, integer=True)
+    for name, value in (("sigma_x", sigma_x), ("sigma_y", sigma_y)):
+        if value is not None:
+            check_positive(name, value)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("mode", mode, MODES)
+    check_choice("readout", readout, READOUTS)
+
+    hsic_estimator = make_estimator(estimator, epsilon)
+    num_classes = int(np.prod(network.output_shape))
+    hidden_names = network.block_names[:-1]
+    width_x = sigma if sigma_x is None else sigma_x
+    width_y = sigma if sigma_y is None else sigma_y
+
+    def reference_matrices(batch):
+        x, y = batch
+        targets = jax.nn.one_hot(y, num_classes) if y.ndim == 1 else y.astype(jnp.float32)
+        matrix_x = hsic_estimator.prepare(hsic.gaussian_kernel(x, width_x))
+        matrix_y = hsic_estimator.prepare(hsic.gaussian_kernel(targets, width_y))
+        return jax.lax.stop_gradient(matrix_x), jax.lax.stop_gradient(matrix_y)
+
+    def block_objective(block, block_params, block_input, references):
+        matrix_x, matrix_y = references
+        z = block.apply(block_params, jax.lax.stop_gradient(block_input))
+        matrix_z = hsic_estimator.prepare(hsic.gaussian_kernel(z, sigma))
+        dependence_x = hsic_estimator.combine(matrix_x, matrix_z)
+        dependence_y = hsic_estimator.combine(matrix_y, matrix_z)
+        return dependence_x - beta * dependence_y, (z, dependence_x, dependence_y)
+
+    def hidden_directions(params, batch, references, learning):
+        """Each hidden block's direction, its output, and the HSIC metrics."""
+        block_input, directions, metrics = batch[0], [], {}
+        for name, block, block_params in zip(hidden_names, network.blocks, params):
+            (value, (z, zx, zy)), direction = jax.value_and_grad(
+                block_objective, argnums=1, has_aux=True
+            )(block, block_params, block_input, references)
+            direction = jax.tree.map(lambda g: jnp.where(learning, g, 0.0), direction)
+            if mode == "sequential":
+                moved = jax.tree.map(
+                    lambda p, g: p - sequential_step_size * g, block_params, direction
+                )
+                z = block.apply(moved, block_input)
+            directions.append(direction)
+            metrics.update(
+                {f"hsic_loss/{name}": value, f"hsic_zx/{name}": zx, f"hsic_zy/{name}": zy}
+            )
+            block_input = z
+        return directions, jax.lax.stop_gradient(block_input), metrics
+
+    def readout_direction(readout_params, features, labels, learning):
+        value, direction = jax.value_and_grad(
+            lambda p: loss(network.blocks[-1].apply(p, features), labels)
+        )(readout_params)
+        return jax.tree.map(lambda g: jnp.where(learning, g, 0.0), direction), value
+
+    def init(key, params):
+        del key, params
+        return HSICBottleneckState(step=jnp.zeros((), jnp.int32))
+
+    def update(state, params, batch, key):
+        del key
+        if readout == "joint":
+            hidden_learns, readout_learns = jnp.array(True), jnp.array(True)
+        else:
+            hidden_learns = state.step < hsic_steps
+            readout_learns = ~hidden_learns
+
+        references = reference_matrices(batch)
+        directions, features, metrics = hidden_directions(
+            params, batch, references, hidden_learns
+        )
+        readout_grads, value = readout_direction(params[-1], features, batch[1], readout_learns)
+
+        grads = (*directions, readout_grads)
+        metrics["loss"] = value
+        return grads, HSICBottleneckState(step=state.step + 1), metrics
+
+    def predict(state, params, x):
+        del state
+        return network.apply(params, x)
+
+    return UpdateRule(init, update, predict, name="hsic")

@@ -1,0 +1,91 @@
+"""The bpalt command: bad input gives one line and status 2; a tiny comparison works."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bpalt import cli
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["compare", "--rules", "nope"], "unknown rule 'nope'; accepted: bp"),
+        (["compare", "--dataset", "imagenet"], "unknown dataset 'imagenet'; accepted: digits"),
+        (["compare", "--learning-rate", "0"], "--learning-rate: must be a positive number"),
+        (["compare", "--learning-rate=-1e-3"], "must be a positive number, got -1e-3"),
+        (["compare", "--epochs", "0"], "--epochs: must be a positive integer, got 0"),
+        (["compare", "--seeds=-2"], "--seeds: must be a positive integer, got -2"),
+        (["compare", "--batch-size", "x"], "expected a positive integer, got 'x'"),
+        (["compare", "--optimizer", "lion"], "unknown optimizer 'lion'; accepted: adam"),
+        (["compare", "--dataset", "mnist"], "needs a data directory"),
+        (["compare", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+        (["train"], "--rule"),
+        (["table", "/no/such/results"], "no results.jsonl in /no/such/results"),
+        (["compare", "--config", "/no/such.toml"], "config file not found: /no/such.toml"),
+    ],
+)
+def test_bad_input_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        status = cli.main(arguments)
+        raise SystemExit(status)
+
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_bad_config_values(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\nlearning_rate = 0.0\n')
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "[rule.fa]: learning rate must be a positive number, got 0.0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_hyperparameter(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('rules = ["fa"]\n[rule.fa]\nfeedback_sclae = 2.0\n')
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    assert "unknown hyperparameter(s) feedback_sclae for rule 'fa'" in capsys.readouterr().err
+
+
+def test_shape_mismatch_rejected(tmp_path, capsys):
+    config = tmp_path / "fixed.toml"
+    config.write_text('rules = ["bp"]\n[model]\nname = "digits_cnn"\ninput_shape = [28, 28, 1]\n')
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "(8, 8, 1)" in err
+    assert "(28, 28, 1)" in err
+
+
+def test_console_script_compare(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "bpalt.cli", "train", "--rule", "bp", "--epochs", "2",
+        "--seeds", "2", "--quiet", "--out", str(out),
+    ]  # fmt: skip
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert finished.returncode == 0, finished.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["epoch"]) for r in records] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert {r["status"] for r in records if r["epoch"] == 1} == {"finished"}
+    for name in ("summary.md", "summary.tex", "curves.png", "config.json"):
+        assert (out / name).exists(), name
+    assert "bp" in finished.stdout

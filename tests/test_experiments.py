@@ -1,0 +1,146 @@
+"""Comparison runs: divergence isolation, atomic results, resume after SIGKILL, config checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bpalt import config, experiments
+
+TIMING = ("epoch_seconds", "ms_per_step")
+SMALL = """
+rules = ["bp", "fa"]
+epochs = {epochs}
+seeds = 2
+diagnostics_every = 2
+
+[model]
+name = "digits_cnn"
+channels = [4, 8]
+"""
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _without_timing(records):
+    return sorted(
+        tuple(sorted((k, v) for k, v in r.items() if k not in TIMING)) for r in records
+    )
+
+
+def _compare(out: Path, epochs: int, **overrides):
+    settings = {
+        "rules": ["bp", "fa"],
+        "epochs": epochs,
+        "seeds": 2,
+        "diagnostics_every": 2,
+        "model": {"name": "digits_cnn", "channels": [4, 8]},
+    }
+    comparison = config.make_comparison({**settings, **overrides}, {})
+    return experiments.compare(comparison, out, show_progress=False)
+
+
+def test_diverged_run_recorded_others_finish(tmp_path):
+    out = tmp_path / "run"
+    rows = _compare(
+        out, 3, rule={"fa": {"optimizer": "sgd", "learning_rate": 1e12}}
+    )
+
+    records = _records(out)
+    fa = [r for r in records if r["rule"] == "fa"]
+    bp = [r for r in records if r["rule"] == "bp"]
+    assert {r["status"] for r in fa} == {"diverged"}
+    assert all(r["epoch"] == 0 for r in fa)
+    assert [r["status"] for r in bp if r["epoch"] == 2] == ["finished", "finished"]
+    by_rule = {row["rule"]: row for row in rows}
+    assert by_rule["fa"]["statuses"] == {"diverged": 2}
+    assert by_rule["bp"]["accuracy_mean"] > 50
+    assert "diverged at epoch 0" in (out / "summary.md").read_text()
+
+
+def test_results_one_line_per_rule_seed_epoch(tmp_path):
+    out = tmp_path / "run"
+    _compare(out, 2)
+
+    keys = [(r["rule"], r["seed"], r["epoch"]) for r in _records(out)]
+    assert sorted(keys) == sorted(
+        (rule, seed, epoch) for rule in ("bp", "fa") for seed in (0, 1) for epoch in (0, 1)
+    )
+    assert all("update_cosine/block0" in r for r in _records(out) if r["epoch"] == 0)
+
+
+def test_rerun_skips_finished(tmp_path):
+    out = tmp_path / "run"
+    _compare(out, 2)
+    before = (out / "results.jsonl").read_text()
+
+    _compare(out, 2)
+
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_changed_config_rejected(tmp_path):
+    out = tmp_path / "run"
+    _compare(out, 1)
+
+    with pytest.raises(experiments.ConfigMismatchError, match=r"epochs: 1 -> 2"):
+        _compare(out, 2)
+
+
+def test_truncated_last_line_skipped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}\n{"rule": "b')
+
+    records = experiments.read_results(path)
+
+    assert records == [{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}]
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
+    config_file = tmp_path / "small.toml"
+    config_file.write_text(SMALL.format(epochs=6))
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    base = [sys.executable, "-m", "bpalt.cli", "compare", "--quiet", "--config", str(config_file)]
+
+    subprocess.run([*base, "--out", str(reference)], check=True, timeout=600)
+
+    process = subprocess.Popen([*base, "--out", str(killed)])
+    results = killed / "results.jsonl"
+
+    def fa_started():
+        return results.exists() and any(
+            json.loads(line)["rule"] == "fa" for line in results.read_text().splitlines()[-1:]
+        )
+
+    assert _wait_for(fa_started, timeout=300)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted = _records(killed)
+    finished_bp = [r for r in interrupted if r["rule"] == "bp"]
+    assert len(finished_bp) == 12
+    assert any(r["rule"] == "fa" for r in interrupted)
+    assert not all(r["status"] == "finished" for r in interrupted if r["rule"] == "fa")
+
+    subprocess.run([*base, "--out", str(killed)], check=True, timeout=600)
+
+    final = _records(killed)
+    assert [r for r in final if r["rule"] == "bp"] == finished_bp
+    keys = [(r["rule"], r["seed"], r["epoch"]) for r in final]
+    assert len(keys) == len(set(keys))
+    assert _without_timing(final) == _without_timing(_records(reference))

@@ -1,0 +1,479 @@
+"""Layers and the Network: shapes, NumPy references, the feedback path and argument checks."""
+
+import flax.linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bpalt import losses, models, nn, rules
+
+KEY = jax.random.key(0)
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _uniform(seed, shape):
+    """NumPy-drawn float32 values in [-1, 1), free of jax.random compilation."""
+    return jnp.asarray(np.random.default_rng(seed).uniform(-1.0, 1.0, shape), jnp.float32)
+
+
+def _same_pads(size, kernel, stride):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return out, (total // 2, total - total // 2)
+
+
+def _windows(x, kernel, stride, padding, fill):
+    """Yield ``(i, j, window)`` with window (n, kh, kw, c) of a NumPy NHWC array."""
+    kh, kw = kernel
+    _, h, w, _ = x.shape
+    if padding == "SAME":
+        out_h, pad_h = _same_pads(h, kh, stride)
+        out_w, pad_w = _same_pads(w, kw, stride)
+        x = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=fill)
+    else:
+        out_h, out_w = (h - kh) // stride + 1, (w - kw) // stride + 1
+    for i in range(out_h):
+        for j in range(out_w):
+            yield i, j, x[:, i * stride : i * stride + kh, j * stride : j * stride + kw]
+
+
+def _conv_reference(x, w, b, stride, padding):
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    windows = list(_windows(x, w.shape[:2], stride, padding, 0.0))
+    out_h, out_w = windows[-1][0] + 1, windows[-1][1] + 1
+    y = np.zeros((x.shape[0], out_h, out_w, w.shape[-1]))
+    for i, j, window in windows:
+        y[:, i, j] = np.einsum("nhwc,hwco->no", window, w)
+    return y + np.asarray(b, np.float64)
+
+
+def _pool_reference(x, window, stride, padding, reduce):
+    x = np.asarray(x, np.float64)
+    fill = -np.inf if reduce == "max" else np.nan
+    windows = list(_windows(x, (window, window), stride, padding, fill))
+    out_h, out_w = windows[-1][0] + 1, windows[-1][1] + 1
+    y = np.zeros((x.shape[0], out_h, out_w, x.shape[-1]))
+    for i, j, patch in windows:
+        # NaN padding marks the cells outside the input, which the average leaves out.
+        y[:, i, j] = patch.max(axis=(1, 2)) if reduce == "max" else np.nanmean(patch, axis=(1, 2))
+    return y
+
+
+@pytest.fixture
+def init_apply(draw_params):
+    """Return ``run(layer, input_shape, batch=2)``: init's shape, params, an input, the output.
+
+    The output shape is the one ``layer.init`` reports; the params have init's shapes but
+    are drawn by ``draw_params``, and ``apply`` runs under ``jax.jit``.
+    """
+
+    def run(layer, input_shape, batch=2, seed=1):
+        captured = []
+
+        def init(key):
+            output_shape, params = layer.init(key, input_shape)
+            captured.append(tuple(output_shape))
+            return params
+
+        params = draw_params(jax.eval_shape(init, KEY), seed)
+        x = _uniform(seed + 1, (batch, *input_shape))
+        return captured[0], params, x, jax.jit(layer.apply)(params, x)
+
+    return run
+
+
+# --- Layer outputs against init's shapes and NumPy references --------------------------------
+
+CONV_CASES = [
+    # (input (h, w, c), features, kernel, stride, padding)
+    ((8, 8, 3), 4, 3, 1, "SAME"),
+    ((7, 7, 2), 5, 3, 1, "SAME"),
+    ((8, 8, 3), 4, 3, 2, "SAME"),
+    ((7, 9, 2), 3, 3, 2, "SAME"),
+    ((8, 8, 2), 3, 2, 1, "SAME"),
+    ((6, 7, 2), 3, 2, 2, "SAME"),
+    ((8, 8, 3), 4, 3, 1, "VALID"),
+    ((7, 7, 2), 5, 3, 2, "VALID"),
+    ((8, 6, 1), 2, 2, 2, "VALID"),
+    ((9, 8, 2), 3, (3, 2), 2, "VALID"),
+    ((5, 6, 2), 3, (2, 3), 1, "SAME"),
+]
+
+
+def _conv_id(case):
+    shape, _, kernel, stride, padding = case
+    kernel = kernel if isinstance(kernel, int) else "x".join(map(str, kernel))
+    return f"{'x'.join(map(str, shape))}-k{kernel}-s{stride}-{padding}"
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_conv2d(case, init_apply):
+    input_shape, features, kernel, stride, padding = case
+    patches, xla = (
+        nn.conv2d(features, kernel, stride=stride, padding=padding, implementation=name)
+        for name in ("patches", "xla")
+    )
+    output_shape, params, x, y_patches = init_apply(patches, input_shape)
+    y_xla = jax.jit(xla.apply)(params, x)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    expected = _conv_reference(x, params["w"], params["b"], stride, padding)
+
+    assert params["w"].shape == (kh, kw, input_shape[-1], features)
+    assert params["b"].shape == (features,)
+    assert y_patches.shape == (2, *output_shape)
+    assert y_xla.shape == (2, *output_shape)
+    np.testing.assert_allclose(y_patches, y_xla, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(y_patches, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_conv2d_patches_gradient_equals_xla(init_apply):
+    layers = [
+        nn.conv2d(3, 3, stride=2, padding="SAME", implementation=name)
+        for name in ("patches", "xla")
+    ]
+    _, params, x, _ = init_apply(layers[0], (7, 6, 2))
+
+    def gradient(layer):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1)))(
+            params, x
+        )
+
+    patches_grads, xla_grads = gradient(layers[0]), gradient(layers[1])
+    for patches_leaf, xla_leaf in zip(jax.tree.leaves(patches_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(patches_leaf, xla_leaf, rtol=RTOL, atol=ATOL)
+
+
+def test_dense(init_apply):
+    output_shape, params, x, y = init_apply(nn.dense(5), (7,))
+    expected = np.asarray(x, np.float64) @ np.asarray(params["w"]) + np.asarray(params["b"])
+    assert output_shape == (5,)
+    assert params["w"].shape == (7, 5)
+    assert y.shape == (2, 5)
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_dense_without_bias(init_apply):
+    _, params, x, y = init_apply(nn.dense(5, use_bias=False), (7,))
+    assert set(params) == {"w"}
+    np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(params["w"]), rtol=RTOL, atol=ATOL)
+
+
+def test_conv2d_without_bias(init_apply):
+    _, params, x, y = init_apply(nn.conv2d(3, 3, use_bias=False), (5, 5, 2))
+    assert set(params) == {"w"}
+    np.testing.assert_allclose(
+        y, _conv_reference(x, params["w"], 0.0, 1, "SAME"), rtol=RTOL, atol=ATOL
+    )
+
+
+POOL_CASES = [
+    # (input (h, w, c), window, stride, padding); the first four take the reshape path.
+    ((8, 8, 3), 2, None, "VALID"),
+    ((7, 9, 2), 2, None, "VALID"),
+    ((8, 6, 2), 2, None, "SAME"),
+    ((9, 9, 1), 3, 3, "VALID"),
+    ((7, 7, 2), 2, None, "SAME"),
+    ((7, 7, 2), 3, 2, "SAME"),
+    ((8, 8, 2), 3, 2, "SAME"),
+    ((8, 8, 2), 3, 2, "VALID"),
+    ((6, 5, 2), 3, 1, "SAME"),
+    ((6, 6, 1), 2, 1, "VALID"),
+]
+
+
+def _pool_id(case):
+    shape, window, stride, padding = case
+    return f"{'x'.join(map(str, shape))}-w{window}-s{stride}-{padding}"
+
+
+@pytest.mark.parametrize("reduce", ["max", "avg"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
+def test_pool(case, reduce, init_apply):
+    input_shape, window, stride, padding = case
+    make = nn.max_pool if reduce == "max" else nn.avg_pool
+    output_shape, params, x, y = init_apply(make(window, stride, padding), input_shape)
+    expected = _pool_reference(x, window, stride or window, padding, reduce)
+    assert params == ()
+    assert y.shape == (2, *output_shape)
+    assert expected.shape == y.shape
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", [POOL_CASES[0], POOL_CASES[5]], ids=_pool_id)
+def test_max_pool_gradient(case):
+    input_shape, window, stride, padding = case
+    layer = nn.max_pool(window, stride, padding)
+    # Distinct values give every window a unique maximum.
+    x = np.random.default_rng(0).permutation(np.prod(input_shape)).astype(np.float32)
+    x = jnp.asarray(x.reshape(1, *input_shape))
+    y, vjp = jax.vjp(jax.jit(layer.apply, static_argnums=0), (), x)
+    grad = np.asarray(vjp(jnp.ones_like(y))[1])
+    # Each input cell receives 1 for every window whose maximum it is, and nothing else.
+    winners = np.isin(np.asarray(x), np.asarray(y))
+    assert not np.any(grad[~winners])
+    assert np.all(grad[winners] >= 1)
+    assert grad.sum() == y.size
+
+
+def test_flatten(init_apply):
+    output_shape, _, x, y = init_apply(nn.flatten, (3, 4, 2))
+    assert output_shape == (24,)
+    np.testing.assert_array_equal(y, np.asarray(x).reshape(2, 24))
+
+
+@pytest.mark.parametrize(
+    "layer,reference",
+    [
+        (nn.relu, lambda x: np.maximum(x, 0)),
+        (nn.tanh, np.tanh),
+        (nn.sigmoid, lambda x: 1 / (1 + np.exp(-x))),
+        (nn.identity, lambda x: x),
+    ],
+    ids=["relu", "tanh", "sigmoid", "identity"],
+)
+def test_activation(layer, reference, init_apply):
+    output_shape, params, x, y = init_apply(layer, (3, 4))
+    assert output_shape == (3, 4)
+    assert params == ()
+    np.testing.assert_allclose(y, reference(np.asarray(x, np.float64)), rtol=RTOL, atol=ATOL)
+
+
+def test_serial(init_apply):
+    first, second = nn.dense(6), nn.dense(3)
+    output_shape, params, x, y = init_apply(nn.serial(first, nn.tanh, second), (4,))
+    first_params, _, second_params = jax.tree.map(np.asarray, params)
+    hidden = np.tanh(np.asarray(x, np.float64) @ first_params["w"] + first_params["b"])
+    expected = hidden @ second_params["w"] + second_params["b"]
+    assert output_shape == (3,)
+    assert len(params) == 3
+    assert params[1] == ()
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "build,block_shapes",
+    [
+        (lambda: models.digits_cnn(channels=(4, 8)), ((4, 4, 4), (2, 2, 8), (10,))),
+        (models.lenet, ((12, 12, 6), (4, 4, 16), (120,), (84,), (10,))),
+        (lambda: models.mlp((8, 8, 1), [16, 12], 3), ((16,), (12,), (3,))),
+    ],
+    ids=["digits_cnn", "lenet", "mlp"],
+)
+def test_network_forward(build, block_shapes, draw_params):
+    network = build()
+    params = draw_params(jax.eval_shape(network.init, KEY))
+    x = _uniform(1, (3, *network.input_shape))
+    outputs = jax.jit(network.forward)(params, x)
+    assert network.block_shapes == block_shapes
+    assert network.output_shape == block_shapes[-1]
+    assert len(outputs) == network.num_blocks
+    assert [o.shape[1:] for o in outputs] == list(block_shapes)
+    np.testing.assert_allclose(
+        outputs[-1], jax.jit(network.apply)(params, x), rtol=RTOL, atol=ATOL
+    )
+
+
+def test_network_forward_chains_blocks(small_cnn, draw_params):
+    params = draw_params(jax.eval_shape(small_cnn.init, KEY))
+    x = _uniform(1, (2, 8, 8, 1))
+    outputs = jax.jit(small_cnn.forward)(params, x)
+    second = jax.jit(small_cnn.blocks[1].apply)(params[1], outputs[0])
+    np.testing.assert_allclose(outputs[1], second, rtol=RTOL, atol=ATOL)
+
+
+def test_network_init_rejects_other_input_shape():
+    network = models.digits_cnn()
+    with pytest.raises(ValueError, match=r"input shape \(28, 28, 1\) does not match.*\(8, 8, 1\)"):
+        network.init(KEY, (28, 28, 1))
+
+
+def test_network_init_accepts_own_input_shape():
+    network = models.digits_cnn()
+    shapes = jax.eval_shape(lambda key: network.init(key, [8, 8, 1]), KEY)
+    assert len(shapes) == network.num_blocks
+    assert shapes[0][0]["w"].shape == (3, 3, 1, 16)
+
+
+def test_network_check_input_rejects_other_shape():
+    network = models.digits_cnn()
+    with pytest.raises(ValueError, match=r"data of shape \(28, 28, 1\)"):
+        network.check_input(jnp.zeros((2, 28, 28, 1)))
+
+
+# --- The feedback path ----------------------------------------------------------------------
+
+
+def _cotangent_grads(fn, *args, seed=9):
+    """Return the gradients of ``sum(fn(*args) * c)`` for a random cotangent ``c``, and ``c``."""
+    cotangent = _uniform(seed, jax.eval_shape(fn, *args).shape)
+    objective = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), range(len(args))))
+    return objective(*args), cotangent
+
+
+def test_feedback_linear_dense():
+    x, w, feedback = _uniform(1, (4, 3)), _uniform(2, (3, 5)), _uniform(3, (3, 5))
+
+    def matmul(x, w):
+        return x @ w
+
+    value = nn.feedback_linear(matmul, x, w, feedback)
+    (grad_x, grad_w, grad_feedback), cotangent = _cotangent_grads(
+        lambda x, w, b: nn.feedback_linear(matmul, x, w, b), x, w, feedback
+    )
+    np.testing.assert_allclose(value, x @ w, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad_x, cotangent @ feedback.T, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad_w, x.T @ cotangent, rtol=RTOL, atol=ATOL)
+    assert not np.any(np.asarray(grad_feedback))
+
+
+@pytest.mark.parametrize("implementation", ["patches", "xla"])
+def test_feedback_linear_conv(implementation, draw_params):
+    layer = nn.conv2d(4, 3, stride=2, padding="SAME", implementation=implementation)
+    shapes = jax.eval_shape(lambda key: layer.init(key, (7, 6, 3))[1], KEY)
+    params, feedback = draw_params(shapes, 1), draw_params(shapes, 2)
+    x = _uniform(3, (2, 7, 6, 3))
+
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    (grad_x, grad_params), cotangent = _cotangent_grads(
+        lambda x, p: layer.feedback_apply(p, feedback, x), x, params
+    )
+    _, vjp_feedback = jax.vjp(lambda x: conv(x, feedback["w"]), x)
+    _, vjp_weight = jax.vjp(lambda w: conv(x, w), params["w"])
+    np.testing.assert_allclose(
+        layer.feedback_apply(params, feedback, x), layer.apply(params, x), rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(grad_x, vjp_feedback(cotangent)[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad_params["w"], vjp_weight(cotangent)[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad_params["b"], cotangent.sum((0, 1, 2)), rtol=RTOL, atol=ATOL)
+
+
+def test_feedback_input_gradient_differs_from_true(draw_params):
+    layer = nn.dense(5)
+    shapes = jax.eval_shape(lambda key: layer.init(key, (3,))[1], KEY)
+    params, feedback = draw_params(shapes, 1), draw_params(shapes, 2)
+    x = _uniform(3, (4, 3))
+    (feedback_grad,), _ = _cotangent_grads(lambda x: layer.feedback_apply(params, feedback, x), x)
+    (true_grad,), _ = _cotangent_grads(lambda x: layer.apply(params, x), x)
+    assert not np.allclose(feedback_grad, true_grad, rtol=0.1)
+
+
+# --- Layers without bias under every rule ---------------------------------------------------
+
+
+def _no_bias_network():
+    return nn.Network(
+        [
+            nn.serial(nn.conv2d(3, 3, use_bias=False), nn.relu, nn.max_pool(2)),
+            nn.serial(nn.flatten, nn.dense(6, use_bias=False), nn.tanh),
+            nn.serial(nn.dense(10, use_bias=False)),
+        ],
+        (8, 8, 1),
+    )
+
+
+@pytest.mark.parametrize("name", ["bp", "fa", "dfa"])
+def test_no_bias_under_rule(name, random_batch, draw_params):
+    network = _no_bias_network()
+    params = draw_params(jax.eval_shape(network.init, KEY))
+    rule = rules.get(name, network)
+    state = jax.jit(rule.init)(jax.random.key(1), params)
+    grads, _, metrics = jax.jit(rule.update)(state, params, random_batch, KEY)
+
+    def loss(params):
+        x, y = random_batch
+        return losses.softmax_cross_entropy(network.apply(params, x), y)
+
+    true_grads = jax.jit(jax.grad(loss))(params)
+    assert all(set(layer) == {"w"} for block in params for layer in block if layer)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert float(metrics["loss"]) == pytest.approx(float(loss(params)), rel=1e-5)
+    # The output block's gradient is the true one under all three rules.
+    np.testing.assert_allclose(grads[-1][0]["w"], true_grads[-1][0]["w"], rtol=RTOL, atol=1e-6)
+    for leaf in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+        assert np.any(np.asarray(leaf) != 0)
+
+
+# --- The flax adapter -----------------------------------------------------------------------
+
+
+def test_from_flax_matches_module_apply():
+    module = flax.linen.Dense(5)
+    layer = nn.from_flax(module)
+    output_shape, variables = layer.init(KEY, (6,))
+    x = _uniform(1, (3, 6))
+    assert output_shape == (5,)
+    assert variables["params"]["kernel"].shape == (6, 5)
+    np.testing.assert_array_equal(layer.apply(variables, x), module.apply(variables, x))
+
+
+def test_from_flax_block_in_network(draw_params):
+    module = flax.linen.Dense(7)
+    network = nn.Network(
+        [nn.serial(nn.flatten, nn.from_flax(module), nn.relu), nn.dense(10)], (8, 8, 1)
+    )
+    params = draw_params(jax.eval_shape(network.init, KEY))
+    x = _uniform(1, (3, 8, 8, 1))
+    hidden = jax.nn.relu(module.apply(params[0][1], x.reshape(3, 64)))
+    assert network.block_shapes == ((7,), (10,))
+    np.testing.assert_allclose(
+        jax.jit(network.apply)(params, x),
+        nn.dense(10).apply(params[1], hidden),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+
+# --- Argument checks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: nn.dense(0), "dense features must be a positive integer, got 0"),
+        (lambda: nn.dense(2.5), "dense features must be a positive integer, got 2.5"),
+        (lambda: nn.conv2d(0), "conv2d features must be a positive integer, got 0"),
+        (lambda: nn.conv2d(4, 0), "conv2d kernel_size must be positive, got 0"),
+        (lambda: nn.conv2d(4, (3, 0)), r"conv2d kernel_size must be positive, got \(3, 0\)"),
+        (lambda: nn.conv2d(4, stride=0), "conv2d stride must be a positive integer, got 0"),
+        (lambda: nn.conv2d(4, padding="same"), "conv2d padding must be 'SAME' or 'VALID'"),
+        (lambda: nn.conv2d(4, implementation="fft"), "conv2d implementation must be one of"),
+        (lambda: nn.conv2d(4, w_init="kaiming"), "unknown initializer 'kaiming'"),
+        (lambda: nn.max_pool(0), "pool window must be a positive integer, got 0"),
+        (lambda: nn.avg_pool(2, 0), "pool stride must be a positive integer, got 0"),
+        (lambda: nn.max_pool(2, padding="FULL"), "pool padding must be 'SAME' or 'VALID'"),
+        (lambda: nn.serial(), "serial needs at least one layer"),
+        (lambda: nn.serial(nn.relu, "relu"), "serial argument 1 is not a Layer"),
+        (lambda: nn.Network([], (8, 8, 1)), "a Network needs at least one block"),
+        (lambda: nn.Network([nn.relu, None], (8, 8, 1)), "block 1 is not a Layer"),
+    ],
+)
+def test_bad_arguments_raise(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_dense_on_image_raises():
+    with pytest.raises(ValueError, match=r"dense expects a flat input.*\(8, 8, 1\).*flatten"):
+        nn.dense(3).init(KEY, (8, 8, 1))
+
+
+def test_conv2d_on_flat_input_raises():
+    with pytest.raises(ValueError, match=r"conv2d expects an image input.*\(64,\)"):
+        nn.conv2d(3).init(KEY, (64,))
+
+
+def test_conv2d_valid_kernel_too_large_raises():
+    with pytest.raises(ValueError, match="kernel 5x5 with VALID padding does not fit input 4x4"):
+        nn.conv2d(3, 5, padding="VALID").init(KEY, (4, 4, 1))
+
+
+def test_network_with_bad_block_shapes_raises():
+    with pytest.raises(ValueError, match="dense expects a flat input"):
+        nn.Network([nn.dense(3)], (8, 8, 1))
