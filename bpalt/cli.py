@@ -58,7 +58,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--diagnostics-every",
         type=int,
-        help="log alignment diagnostics every N epochs (default 1; 0 turns them off)",
+        help="log diagnostics every N steps (default 20; 0 turns them off)",
     )
     parser.add_argument(
         "--out", help="output folder (default runs/compare-<UTC time>); reuse it to resume"

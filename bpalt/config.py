@@ -82,7 +82,7 @@ class Comparison:
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "digits_cnn"})
     loss: str = "cross_entropy"
     seeds: tuple[int, ...] = (0, 1, 2)
-    diagnostics_every: int = 1
+    diagnostics_every: int = 20
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     rule_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -208,7 +208,7 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
                 f"accepted: {', '.join(accepted) or 'none'}"
             )
 
-    diagnostics_every = merged.get("diagnostics_every", 1)
+    diagnostics_every = merged.get("diagnostics_every", 20)
     if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int):
         raise ValueError(f"diagnostics_every must be an integer, got {diagnostics_every!r}")
     if diagnostics_every < 0:

@@ -3,10 +3,12 @@
 Output folder:
 
 - ``config.json``: the resolved comparison; a rerun with another config is rejected.
-- ``results.jsonl``: one line per rule, seed and epoch, appended and flushed as each epoch
-  ends. ``status`` is ``running`` until the run's last epoch (``finished``), or
-  ``diverged`` at the epoch where its loss became non-finite (the run then stops), or
-  ``failed`` with the error when the rule raised.
+- ``results.jsonl``: JSON lines appended and flushed as each epoch ends. A line with
+  ``"record": "epoch"`` exists per rule, seed and epoch; its ``status`` is ``running`` until
+  the run's last epoch (``finished``), or ``diverged`` at the epoch where its loss became
+  non-finite (the run then stops), or ``failed`` with the error when the rule raised. Lines
+  with ``"record": "diagnostics"`` hold the diagnostics (``bpalt.diagnostics``) of one seed
+  at one ``step``, logged every ``diagnostics_every`` steps and after the first step.
 - ``checkpoints/<rule>.msgpack``: the state of all seeds of a rule after its last epoch.
 - ``summary.md``, ``summary.tex``, ``curves.png``, ``alignment.png``: rendered from
   ``results.jsonl`` (``bpalt table`` renders them again without training).
@@ -109,7 +111,7 @@ class ResultsLog:
 
 def _rule_status(records: list[dict], rule: str, seeds) -> str:
     """``done`` if every seed of ``rule`` ended, else ``todo``."""
-    ended = {r["seed"] for r in records if r["rule"] == rule and r["status"] in TERMINAL}
+    ended = {r["seed"] for r in records if r["rule"] == rule and r.get("status") in TERMINAL}
     return "done" if set(seeds) <= ended else "todo"
 
 
@@ -144,21 +146,56 @@ class RuleRunner:
         return train.init_seeds(self.rule, self.network, self.optimizer, self.seeds)
 
     def train_epoch(self, state, epoch: int):
+        """One epoch of all seeds, with diagnostics every ``diagnostics_every`` steps.
+
+        Returns the state, the mean train metrics per seed, the training seconds (the
+        diagnostics' time excluded), the step count and the diagnostics records.
+        """
+        steps = self.x_train.shape[0] // self.spec.batch_size
+        every = self.diagnostics_every
+        diagnosed, paused = [], 0.0
+
+        def on_step(index, current):
+            nonlocal paused
+            step = epoch * steps + index + 1
+            if every > 0 and (step % every == 0 or step == 1):
+                jax.block_until_ready(current)
+                pause_start = time.perf_counter()
+                diagnosed.append((step, self.diagnose_state(current)))
+                paused += time.perf_counter() - pause_start
+
         start = time.perf_counter()
         state, metrics = train.run_epoch(
-            self.step, state, self.x_train, self.y_train, epoch, self.spec.batch_size
+            self.step, state, self.x_train, self.y_train, epoch, self.spec.batch_size, on_step
         )
         jax.block_until_ready(state)
-        seconds = time.perf_counter() - start
-        steps = self.x_train.shape[0] // self.spec.batch_size
-        return state, metrics, seconds, steps
+        seconds = time.perf_counter() - start - paused
+        return state, metrics, seconds, steps, diagnosed
 
     def diagnose_state(self, state) -> dict[str, np.ndarray]:
         key = jax.random.key(0)
         metrics = self.diagnose(state.rule_state, state.params, self.diagnostic_batch, key)
         return {k: np.asarray(v) for k, v in metrics.items()}
 
-    def epoch_records(self, state, epoch, metrics, seconds, steps, diagnosed, was_diverged):
+    def diagnostic_records(self, epoch, diagnosed, was_diverged) -> list[dict]:
+        """One record per seed and logged step, for seeds running at the epoch's start."""
+        records = []
+        for step, metrics in diagnosed:
+            for index, seed in enumerate(self.seeds):
+                if was_diverged[index]:
+                    continue
+                record = {
+                    "record": "diagnostics",
+                    "rule": self.spec.rule,
+                    "seed": int(seed),
+                    "epoch": int(epoch),
+                    "step": int(step),
+                }
+                record.update({k: _to_float(v[index]) for k, v in metrics.items()})
+                records.append(record)
+        return records
+
+    def epoch_records(self, state, epoch, metrics, seconds, steps, was_diverged):
         """One JSON record per seed still running at the start of this epoch."""
         accuracy, test_loss = self.evaluate(state, self.x_test, self.y_test)
         diverged = np.asarray(state.diverged)
@@ -169,6 +206,7 @@ class RuleRunner:
                 continue
             status = "diverged" if diverged[index] else ("finished" if final else "running")
             record = {
+                "record": "epoch",
                 "rule": self.spec.rule,
                 "seed": int(seed),
                 "epoch": int(epoch),
@@ -182,8 +220,6 @@ class RuleRunner:
             for name, values in metrics.items():
                 if name != "loss":
                     record[f"train/{name}"] = _to_float(values[index])
-            for name, values in diagnosed.items():
-                record[name] = _to_float(values[index])
             if status == "diverged":
                 record["diverged_step"] = int(np.asarray(state.diverged_step)[index])
             records.append(record)
@@ -204,14 +240,10 @@ def run_rule(runner: RuleRunner, out: Path, log: ResultsLog, progress=None) -> N
 
     for epoch in range(first_epoch, spec.epochs):
         was_diverged = np.asarray(state.diverged).copy()
-        state, metrics, seconds, steps = runner.train_epoch(state, epoch)
+        state, metrics, seconds, steps, diagnosed = runner.train_epoch(state, epoch)
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
-        every = runner.diagnostics_every
-        due = every > 0 and (epoch % every == 0 or epoch == spec.epochs - 1)
-        diagnosed = runner.diagnose_state(state) if due else {}
-        records = runner.epoch_records(
-            state, epoch, metrics, seconds, steps, diagnosed, was_diverged
-        )
+        records = runner.diagnostic_records(epoch, diagnosed, was_diverged)
+        records += runner.epoch_records(state, epoch, metrics, seconds, steps, was_diverged)
         log.append(records)
         checkpoint.save(path, state, {"epoch": epoch})
         if progress is not None:
@@ -252,7 +284,7 @@ def compare(
     records = read_results(log.path)
     pending = [s for s in specs if _rule_status(records, s.rule, comparison.seeds) == "todo"]
     pending_names = {s.rule for s in pending}
-    log.keep(lambda r: r["rule"] not in pending_names or r["status"] != "failed")
+    log.keep(lambda r: r["rule"] not in pending_names or r.get("status") != "failed")
     _drop_epochs_after_checkpoints(out, log, pending)
 
     total = sum(s.epochs for s in pending)
@@ -266,6 +298,7 @@ def compare(
                 log.append(
                     [
                         {
+                            "record": "epoch",
                             "rule": spec.rule,
                             "seed": int(seed),
                             "epoch": -1,

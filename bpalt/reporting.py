@@ -49,7 +49,7 @@ def _final_records(records) -> dict[str, dict[int, dict]]:
 
 
 def _mean_cosine(records) -> float:
-    """Mean of every ``update_cosine/*`` value logged for the rule, over blocks and time."""
+    """Mean of every ``update_cosine/*`` value logged for a rule, over blocks, seeds and steps."""
     values = [
         v
         for r in records
@@ -59,8 +59,16 @@ def _mean_cosine(records) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def split_records(records):
+    """``(epoch_records, diagnostics_records)``."""
+    epochs = [r for r in records if r.get("record", "epoch") == "epoch"]
+    diagnosed = [r for r in records if r.get("record") == "diagnostics"]
+    return epochs, diagnosed
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary row per rule, in the order the rules first appear."""
+    records, diagnosed = split_records(records)
     by_rule: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_rule[record["rule"]].append(record)
@@ -84,7 +92,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_loss": _mean_or_nan([r.get("train_loss") for r in ok]),
                 "epoch_seconds": _median_or_nan([r["epoch_seconds"] for r in timing]),
                 "ms_per_step": _median_or_nan([r["ms_per_step"] for r in timing]),
-                "cosine": _mean_cosine(rule_records),
+                "cosine": _mean_cosine([r for r in diagnosed if r["rule"] == rule]),
                 "statuses": dict(statuses),
                 "diverged_epochs": sorted(r["epoch"] for r in ends if r["status"] == "diverged"),
                 "errors": sorted({r["error"] for r in ends if r.get("error")}),
@@ -173,8 +181,8 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             f"seeds {comparison.get('seeds')}. Accuracy is the mean ± standard deviation over "
             "seeds of the final test accuracy; seconds per epoch and milliseconds per step "
             "are medians over epochs after the first (which includes compilation), for all "
-            "seeds together under one vmap; the cosine is the mean over blocks and logged "
-            "epochs of `update_cosine`.",
+            "seeds together under one vmap; the cosine is the mean of `update_cosine` over "
+            "blocks, seeds and logged steps.",
             "",
         ]
     lines += [markdown_table(rows), ""]
@@ -193,7 +201,7 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
 def _curves(records):
     """``{rule: (epochs, mean, std)}`` of test accuracy over seeds."""
     grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
+    for r in split_records(records)[0]:
         if r["epoch"] >= 0 and "test_accuracy" in r:
             grouped[r["rule"]][r["epoch"]].append(100 * r["test_accuracy"])
     curves = {}
@@ -229,14 +237,14 @@ def plot_curves(records, path: Path) -> None:
 
 
 def plot_alignment(records, path: Path) -> bool:
-    """Plot ``update_cosine/<block>`` over epochs per rule; False if nothing was logged."""
+    """Plot ``update_cosine/<block>`` over steps per rule; False if nothing was logged."""
     series: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
-    for r in records:
+    for r in split_records(records)[1]:
         for key, value in r.items():
             if key.startswith("update_cosine/") and value is not None:
-                series[r["rule"]][key.split("/", 1)[1]][r["epoch"]].append(value)
+                series[r["rule"]][key.split("/", 1)[1]][r["step"]].append(value)
     if not series:
         return False
 
@@ -249,14 +257,14 @@ def plot_alignment(records, path: Path) -> bool:
         1, len(series), figsize=(3.6 * len(series), 3.4), squeeze=False, sharey=True
     )
     for ax, (rule, blocks) in zip(axes[0], series.items()):
-        for block, by_epoch in sorted(blocks.items()):
-            epochs = sorted(by_epoch)
-            ax.plot(np.array(epochs) + 1, [np.mean(by_epoch[e]) for e in epochs], label=block)
+        for block, by_step in sorted(blocks.items()):
+            steps = sorted(by_step)
+            ax.plot(steps, [np.mean(by_step[s]) for s in steps], label=block)
         ax.set_title(rule)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("step")
         ax.axhline(0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("cosine to backprop gradient")
+    axes[0][0].set_ylabel("cosine to backprop (seed mean)")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

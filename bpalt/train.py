@@ -154,8 +154,14 @@ def epoch_permutations(state: TrainState, epoch: int, num_examples: int, batch_s
     return jnp.swapaxes(jax.vmap(one_seed)(state.key), 0, 1)
 
 
-def run_epoch(seeds_step, state: TrainState, x, y, epoch: int, batch_size: int):
-    """Train every seed for one epoch; return the state and the metrics' mean per seed."""
+def run_epoch(
+    seeds_step, state: TrainState, x, y, epoch: int, batch_size: int, on_step=None
+):
+    """Train every seed for one epoch; return the state and the metrics' mean per seed.
+
+    ``on_step(index, state)``, if given, is called after each step with the step's index
+    within the epoch (from 0) and the new state.
+    """
     permutations = epoch_permutations(state, epoch, x.shape[0], batch_size)
     if permutations.shape[0] == 0:
         raise ValueError(
@@ -163,9 +169,11 @@ def run_epoch(seeds_step, state: TrainState, x, y, epoch: int, batch_size: int):
             "choose a smaller --batch-size"
         )
     history = []
-    for indices in permutations:
+    for index, indices in enumerate(permutations):
         state, metrics = seeds_step(state, x, y, indices)
         history.append(metrics)
+        if on_step is not None:
+            on_step(index, state)
     means = jax.tree.map(lambda *values: jnp.stack(values).mean(axis=0), *history)
     return state, means
 

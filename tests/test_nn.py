@@ -270,9 +270,7 @@ def test_network_forward(build, block_shapes, draw_params):
     assert network.output_shape == block_shapes[-1]
     assert len(outputs) == network.num_blocks
     assert [o.shape[1:] for o in outputs] == list(block_shapes)
-    np.testing.assert_allclose(
-        outputs[-1], jax.jit(network.apply)(params, x), rtol=RTOL, atol=ATOL
-    )
+    np.testing.assert_allclose(outputs[-1], jax.jit(network.apply)(params, x), rtol=RTOL, atol=ATOL)
 
 
 def test_network_forward_chains_blocks(small_cnn, draw_params):

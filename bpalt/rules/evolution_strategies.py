@@ -128,11 +128,12 @@ def _estimate_flat(
     are padding and get weight 0.
 
     Returns:
-        ``(estimate (dim,), losses (num_pairs, 2))``.
+        ``(estimate (dim,), losses (len(pairs), 2))``: the losses of this slice's pairs.
     """
-    losses = _pair_losses(loss_fn, theta, key, sigma, pairs, pairs_per_chunk)
+    local_losses = _pair_losses(loss_fn, theta, key, sigma, pairs, pairs_per_chunk)
+    losses = local_losses
     if axis_name is not None:
-        losses = lax.all_gather(losses, axis_name, tiled=True)
+        losses = lax.all_gather(local_losses, axis_name, tiled=True)
     losses = losses[:num_pairs]
 
     # Member 2k is theta + sigma eps_k and member 2k + 1 is theta - sigma eps_k.
@@ -149,7 +150,7 @@ def _estimate_flat(
     )
     if axis_name is not None:
         estimate = lax.psum(estimate, axis_name)
-    return estimate, losses
+    return estimate, local_losses
 
 
 def population_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
@@ -231,10 +232,10 @@ def es_gradient(
         on_device,
         mesh=mesh,
         in_specs=(P(), P(), P(), P(POPULATION_AXIS)),
-        out_specs=(P(), P()),
+        out_specs=(P(), P(POPULATION_AXIS)),
     )
     estimate, losses = sharded(theta, key, sigma, jnp.arange(padded_pairs))
-    return unravel(estimate), losses.reshape(-1)
+    return unravel(estimate), losses[:num_pairs].reshape(-1)
 
 
 # --- The update rule ------------------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""Feedback alignment against backprop (B = W), a hand-derived MLP and its options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bpalt import losses, models, nn, rules
+from bpalt.rules.feedback_alignment import FeedbackAlignmentState
+
+KEY = jax.random.key(0)
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for actual_leaf, expected_leaf in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(actual_leaf, expected_leaf, rtol=rtol, atol=atol)
+
+
+def _block_cosines(first, second):
+    """Cosine between two directions, one value per block (all leaves of a block joined)."""
+    cosines = []
+    for first_block, second_block in zip(first, second):
+        a = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(first_block)])
+        b = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(second_block)])
+        cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return cosines
+
+
+def _linear(block):
+    """The params of the one dense or conv layer in a block (a dict with "w")."""
+    (layer,) = [layer for layer in block if layer]
+    return layer
+
+
+def _backprop_grad(network):
+    def loss(params, batch):
+        x, y = batch
+        return losses.softmax_cross_entropy(network.apply(params, x), y)
+
+    return jax.jit(jax.grad(loss))
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return models.digits_cnn()
+
+
+@pytest.fixture(scope="module")
+def cnn_init(cnn):
+    return jax.jit(cnn.init)
+
+
+@pytest.fixture(scope="module")
+def cnn_params(cnn_init):
+    return cnn_init(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def cnn_backprop(cnn):
+    return _backprop_grad(cnn)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return models.mlp((8, 8, 1), [24, 16], activation=nn.tanh)
+
+
+@pytest.fixture(scope="module")
+def mlp_params(mlp, draw_params):
+    return draw_params(jax.eval_shape(mlp.init, KEY), seed=2)
+
+
+@pytest.fixture(scope="module")
+def cnn_rule(cnn):
+    rule = rules.feedback_alignment(cnn)
+    return rule._replace(init=jax.jit(rule.init), update=jax.jit(rule.update))
+
+
+# --- With B = W, feedback alignment is backprop ---------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_equals_backprop_with_weights_as_feedback(model, request, random_batch):
+    network = request.getfixturevalue(model)
+    params = request.getfixturevalue(f"{model}_params")
+    rule = rules.feedback_alignment(network)
+    state = FeedbackAlignmentState(feedback=params)
+    grads, _, metrics = jax.jit(rule.update)(state, params, random_batch, KEY)
+    expected_loss = losses.softmax_cross_entropy(
+        network.apply(params, random_batch[0]), random_batch[1]
+    )
+    _assert_trees_close(grads, _backprop_grad(network)(params, random_batch))
+    assert float(metrics["loss"]) == pytest.approx(float(expected_loss), rel=1e-6)
+
+
+def test_equals_backprop_from_rule_state(cnn, cnn_rule, cnn_params, random_batch):
+    state = cnn_rule.init(jax.random.key(3), cnn_params)
+    grads, _, _ = cnn_rule.update(
+        state._replace(feedback=cnn_params), cnn_params, random_batch, KEY
+    )
+    _assert_trees_close(grads, _backprop_grad(cnn)(cnn_params, random_batch))
+
+
+def test_equals_backprop_under_vmap_over_params(cnn, draw_params, random_batch):
+    stacked = jax.tree.map(
+        lambda *leaves: jnp.stack(leaves),
+        *[draw_params(jax.eval_shape(cnn.init, KEY), seed=seed) for seed in (5, 6, 7)],
+    )
+    rule = rules.feedback_alignment(cnn)
+    grads, _, _ = jax.jit(jax.vmap(rule.update, in_axes=(0, 0, None, None)))(
+        FeedbackAlignmentState(feedback=stacked), stacked, random_batch, KEY
+    )
+    backprop = _backprop_grad(cnn)
+    for index in range(3):
+        params = jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
+        expected = backprop(params, random_batch)
+        _assert_trees_close(jax.tree.map(lambda leaf, i=index: leaf[i], grads), expected)
+
+
+def test_equals_backprop_under_vmap_over_batches(cnn, cnn_params, random_batch):
+    x, y = random_batch
+    batches = (x.reshape(4, 4, 8, 8, 1), y.reshape(4, 4))
+    rule = rules.feedback_alignment(cnn)
+    state = FeedbackAlignmentState(feedback=cnn_params)
+    grads, _, metrics = jax.jit(jax.vmap(rule.update, in_axes=(None, None, 0, None)))(
+        state, cnn_params, batches, KEY
+    )
+    backprop = _backprop_grad(cnn)
+    assert metrics["loss"].shape == (4,)
+    for index in range(4):
+        expected = backprop(cnn_params, (batches[0][index], batches[1][index]))
+        _assert_trees_close(jax.tree.map(lambda leaf, i=index: leaf[i], grads), expected)
+
+
+def test_equals_backprop_inside_scan(cnn, cnn_params, random_batch):
+    # Three SGD steps whose feedback tracks the current weights follow backprop's path.
+    x, y = random_batch
+    batches = (x.reshape(2, 8, 8, 8, 1), y.reshape(2, 8))
+    rule = rules.feedback_alignment(cnn)
+    backprop = jax.grad(lambda p, b: losses.softmax_cross_entropy(cnn.apply(p, b[0]), b[1]))
+
+    def fa_step(params, batch):
+        state = FeedbackAlignmentState(feedback=params)
+        grads, _, _ = rule.update(state, params, batch, KEY)
+        return jax.tree.map(lambda p, g: p - 0.5 * g, params, grads), None
+
+    def bp_step(params, batch):
+        return jax.tree.map(lambda p, g: p - 0.5 * g, params, backprop(params, batch)), None
+
+    fa_params, _ = jax.jit(lambda p: lax.scan(fa_step, p, batches))(cnn_params)
+    bp_params, _ = jax.jit(lambda p: lax.scan(bp_step, p, batches))(cnn_params)
+    _assert_trees_close(fa_params, bp_params, atol=1e-5)
+    assert not np.allclose(fa_params[0][0]["w"], cnn_params[0][0]["w"])
+
+
+# --- With random feedback -------------------------------------------------------------------
+
+
+def test_differs_from_backprop_at_random_init(cnn, cnn_rule, cnn_params, random_batch):
+    state = cnn_rule.init(jax.random.key(3), cnn_params)
+    grads, _, _ = cnn_rule.update(state, cnn_params, random_batch, KEY)
+    cosines = _block_cosines(grads, _backprop_grad(cnn)(cnn_params, random_batch))
+    for block in jax.tree.leaves(grads):
+        assert np.any(np.asarray(block) != 0)
+    assert cosines[0] < 0.99
+    assert cosines[1] < 0.99
+    assert cosines[2] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_last_layer_gradient_is_backprop(cnn, cnn_rule, cnn_params, random_batch):
+    first = cnn_rule.update(
+        cnn_rule.init(jax.random.key(3), cnn_params), cnn_params, random_batch, KEY
+    )[0]
+    second = cnn_rule.update(
+        cnn_rule.init(jax.random.key(4), cnn_params), cnn_params, random_batch, KEY
+    )[0]
+    expected = _backprop_grad(cnn)(cnn_params, random_batch)
+    # The output layer's gradient does not read any feedback weights.
+    np.testing.assert_array_equal(first[-1][1]["w"], second[-1][1]["w"])
+    np.testing.assert_array_equal(first[-1][1]["b"], second[-1][1]["b"])
+    np.testing.assert_allclose(first[-1][1]["w"], expected[-1][1]["w"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(first[-1][1]["b"], expected[-1][1]["b"], rtol=RTOL, atol=ATOL)
+    assert not np.allclose(first[0][0]["w"], second[0][0]["w"], rtol=0.01)
+
+
+def test_matches_hand_derivation(draw_params, random_batch):
+    # One hidden tanh layer: h = tanh(x W1 + b1), z = h W2 + b2, e = dL/dz. Feedback
+    # alignment sends e B2^T instead of e W2^T, so dW1 = x^T ((e B2^T) * (1 - h^2)).
+    network = models.mlp((8, 8, 1), [12], activation=nn.tanh)
+    shapes = jax.eval_shape(network.init, KEY)
+    params, feedback = draw_params(shapes, seed=11), draw_params(shapes, seed=12)
+    grads, _, _ = jax.jit(rules.feedback_alignment(network).update)(
+        FeedbackAlignmentState(feedback=feedback), params, random_batch, KEY
+    )
+
+    (w1, b1), (w2, b2) = [(np.float64(p[-1]["w"]), np.float64(p[-1]["b"])) for p in params]
+    feedback_w2 = np.float64(feedback[1][0]["w"])
+    x = np.float64(random_batch[0]).reshape(16, 64)
+    targets = np.eye(10)[np.asarray(random_batch[1])]
+    h = np.tanh(x @ w1 + b1)
+    z = h @ w2 + b2
+    probabilities = np.exp(z - z.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    error = (probabilities - targets) / len(x)
+    delta = (error @ feedback_w2.T) * (1 - h**2)
+
+    np.testing.assert_allclose(grads[1][0]["w"], h.T @ error, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads[1][0]["b"], error.sum(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads[0][1]["w"], x.T @ delta, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads[0][1]["b"], delta.sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_state_is_fixed(cnn_rule, cnn_params, random_batch):
+    state = cnn_rule.init(jax.random.key(3), cnn_params)
+    _, new_state, _ = cnn_rule.update(state, cnn_params, random_batch, KEY)
+    for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+        np.testing.assert_array_equal(old, new)
+
+
+# --- Options --------------------------------------------------------------------------------
+
+
+def test_default_feedback_uses_layer_initializers(cnn, cnn_rule, cnn_params):
+    state = cnn_rule.init(jax.random.key(3), cnn_params)
+    _assert_trees_close(state.feedback, jax.jit(cnn.init)(jax.random.key(3)), rtol=0, atol=0)
+    assert jax.tree.structure(state.feedback) == jax.tree.structure(cnn_params)
+
+
+def test_feedback_is_independent_of_params(cnn, cnn_rule):
+    params = jax.jit(cnn.init)(jax.random.key(3))
+    state = cnn_rule.init(jax.random.key(4), params)
+    assert not np.allclose(state.feedback[1][0]["w"], params[1][0]["w"])
+
+
+def test_feedback_scale_multiplies_weights(mlp, mlp_params):
+    key = jax.random.key(5)
+    plain = rules.feedback_alignment(mlp).init(key, mlp_params).feedback
+    doubled = rules.feedback_alignment(mlp, feedback_scale=2.0).init(key, mlp_params).feedback
+    for block_plain, block_doubled in zip(plain, doubled):
+        linear_plain, linear_doubled = block_plain[-2], block_doubled[-2]
+        np.testing.assert_allclose(linear_doubled["w"], 2.0 * linear_plain["w"], rtol=1e-6)
+        assert np.any(np.asarray(linear_plain["w"]) != 0)
+    np.testing.assert_array_equal(plain[-1][-1]["w"] * 2.0, doubled[-1][-1]["w"])
+
+
+def test_feedback_init_by_name(mlp, mlp_params):
+    state = rules.feedback_alignment(mlp, feedback_init="xavier_uniform").init(KEY, mlp_params)
+    weight = np.asarray(state.feedback[0][1]["w"])
+    bound = np.sqrt(6.0 / (64 + 24))
+    assert weight.shape == (64, 24)
+    assert np.abs(weight).max() <= bound
+    assert np.abs(weight).max() > 0.9 * bound
+    # Bias leaves keep the structure of params and are copied from them, never drawn.
+    np.testing.assert_array_equal(state.feedback[0][1]["b"], mlp_params[0][1]["b"])
+
+
+def test_feedback_init_function_and_scale(mlp, mlp_params):
+    rule = rules.feedback_alignment(
+        mlp, feedback_init=nn.initializers.constant(0.5), feedback_scale=3.0
+    )
+    state = rule.init(KEY, mlp_params)
+    for block in state.feedback:
+        np.testing.assert_array_equal(block[-1]["w"], np.full(block[-1]["w"].shape, 1.5))
+
+
+def test_zero_feedback_stops_hidden_gradients(mlp, mlp_params, random_batch):
+    rule = rules.feedback_alignment(mlp, feedback_init="zeros")
+    state = rule.init(KEY, mlp_params)
+    grads, _, _ = jax.jit(rule.update)(state, mlp_params, random_batch, KEY)
+    expected = _backprop_grad(mlp)(mlp_params, random_batch)
+    # B = 0 after the second hidden layer: only the last layer learns.
+    assert not np.any(np.asarray(grads[0][1]["w"]))
+    assert not np.any(np.asarray(grads[1][0]["w"]))
+    np.testing.assert_allclose(grads[2][0]["w"], expected[2][0]["w"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, "2"])
+def test_bad_feedback_scale_raises(mlp, scale):
+    with pytest.raises(ValueError, match="feedback_scale must be a positive number"):
+        rules.feedback_alignment(mlp, feedback_scale=scale)
+
+
+def test_bad_feedback_init_raises(mlp):
+    with pytest.raises(ValueError, match="unknown initializer 'glorot'"):
+        rules.feedback_alignment(mlp, feedback_init="glorot")
