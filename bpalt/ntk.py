@@ -310,12 +310,13 @@ def predict_mse(
     arXiv:1902.06720). With the eigendecomposition ``Theta = V diag(lambda) V^T`` (negative
     eigenvalues, which only rounding produces, clipped to zero) and ``s = learning_rate t / n``:
 
-        f_t(X) = y + V diag(exp(-s lambda)) V^T (f_0(X) - y)
         f_t(x) = f_0(x) + Theta(x, X) V diag((1 - exp(-s lambda)) / lambda) V^T (y - f_0(X))
 
-    At ``t = inf`` the second line is kernel regression on the residual,
-    ``f_0(x) + Theta(x, X) Theta^+ (y - f_0(X))``, and the training outputs reach ``y``
-    wherever ``Theta`` is non-singular. Eigenvalues below a relative tolerance count as zero.
+    for a test input ``x``; on the training inputs this is
+    ``f_t(X) = y + V diag(exp(-s lambda)) V^T (f_0(X) - y)``. At ``t = inf`` it is kernel
+    regression on the residual, ``f_0(x) + Theta(x, X) Theta^+ (y - f_0(X))``, and the
+    training outputs reach ``y`` wherever ``Theta`` is non-singular. Eigenvalues below a
+    relative tolerance count as zero.
 
     A traced (n, n) kernel ``K`` is used as ``K`` times the C x C identity: every output
     column trains independently with the same kernel, exact when the full kernel has that
@@ -330,8 +331,10 @@ def predict_mse(
         learning_rate: the gradient-descent learning rate.
         ntk_test_train: (m, n, C, C) or (m, n) NTK between test and training inputs.
         fx_test_0: (m, C) outputs on the test inputs at the initial params.
-        diag_reg: adds ``diag_reg`` times the mean diagonal entry to ``Theta``'s diagonal
-            (ridge regularisation); 0 for plain gradient flow.
+        diag_reg: adds ``diag_reg`` times the mean diagonal entry of ``Theta`` to its
+            diagonal in the dynamics (at ``t = inf``, kernel ridge regression); 0 for plain
+            gradient flow. The training outputs are still ``Theta(X, X)`` times the
+            regression coefficients, so with ``diag_reg > 0`` they no longer reach ``y``.
 
     Returns:
         ``fx_train_t`` (n, C), or ``(fx_train_t, fx_test_t)`` when test inputs are given.
@@ -345,31 +348,33 @@ def predict_mse(
     traced = ntk_train_train.ndim == 2
 
     # Columns are output channels for a traced kernel, one vector of n C entries otherwise.
-    residual = (fx_train_0 - y_train) if traced else (fx_train_0 - y_train).reshape(n * c, 1)
+    residual = y_train - fx_train_0
+    residual = residual if traced else residual.reshape(n * c, 1)
     kernel = _flatten_kernel(ntk_train_train, n, c)
-    kernel = kernel + diag_reg * jnp.mean(jnp.diagonal(kernel)) * jnp.eye(kernel.shape[0])
+    ridge = diag_reg * jnp.mean(jnp.diagonal(kernel))
 
-    eigenvalues, eigenvectors = jnp.linalg.eigh(kernel)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(kernel + ridge * jnp.eye(kernel.shape[0]))
     eigenvalues = jnp.maximum(eigenvalues, 0.0)
     tolerance = eigenvalues.max() * kernel.shape[0] * jnp.finfo(kernel.dtype).eps
     positive = eigenvalues > tolerance
     safe = jnp.where(positive, eigenvalues, 1.0)
 
-    # Flow time s = learning_rate t / n; t = inf gives decay 0 and gain 1 / lambda.
+    # Flow time s = learning_rate t / n; t = inf gives the gain 1 / lambda.
     t = jnp.inf if t is None else t
     time = (learning_rate / n) * jnp.asarray(t, kernel.dtype)
-    decay = jnp.where(positive, jnp.exp(-time * safe), 1.0)
     # (1 - exp(-s lambda)) / lambda, with its limit s at lambda = 0. Null directions of Theta
     # are orthogonal to Theta(x, X) in exact arithmetic; at t = inf their gain is set to 0.
     null_gain = jnp.where(jnp.isinf(time), 0.0, time)
     gain = jnp.where(positive, -jnp.expm1(-time * safe) / safe, null_gain)
 
-    projected = eigenvectors.T @ residual
-    fx_train_t = y_train + (eigenvectors @ (decay[:, None] * projected)).reshape(n, c)
+    # Theta(X, X) = V diag(lambda - ridge) V^T, applied in the eigenbasis for stability.
+    coefficients = gain[:, None] * (eigenvectors.T @ residual)
+    train_gain = (eigenvalues - ridge)[:, None] * coefficients
+    fx_train_t = fx_train_0 + (eigenvectors @ train_gain).reshape(n, c)
     if ntk_test_train is None:
         return fx_train_t
 
     m = fx_test_0.shape[0]
     cross = _flatten_kernel(ntk_test_train, m, c)
-    fx_test_t = fx_test_0 - (cross @ (eigenvectors @ (gain[:, None] * projected))).reshape(m, c)
+    fx_test_t = fx_test_0 + (cross @ (eigenvectors @ coefficients)).reshape(m, c)
     return fx_train_t, fx_test_t

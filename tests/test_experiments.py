@@ -25,8 +25,12 @@ channels = [4, 8]
 """
 
 
-def _records(out: Path) -> list[dict]:
+def _all_records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _records(out: Path) -> list[dict]:
+    return [r for r in _all_records(out) if r["record"] == "epoch"]
 
 
 def _without_timing(records):
@@ -73,7 +77,9 @@ def test_results_one_line_per_rule_seed_epoch(tmp_path):
     assert sorted(keys) == sorted(
         (rule, seed, epoch) for rule in ("bp", "fa") for seed in (0, 1) for epoch in (0, 1)
     )
-    assert all("update_cosine/block0" in r for r in _records(out) if r["epoch"] == 0)
+    diagnosed = [r for r in _all_records(out) if r["record"] == "diagnostics"]
+    assert {r["step"] for r in diagnosed} == {1, *range(2, 45, 2)}
+    assert all("update_cosine/block0" in r for r in diagnosed)
 
 
 def test_rerun_skips_finished(tmp_path):
@@ -143,4 +149,4 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     assert [r for r in final if r["rule"] == "bp"] == finished_bp
     keys = [(r["rule"], r["seed"], r["epoch"]) for r in final]
     assert len(keys) == len(set(keys))
-    assert _without_timing(final) == _without_timing(_records(reference))
+    assert _without_timing(_all_records(killed)) == _without_timing(_all_records(reference))

@@ -1,0 +1,190 @@
+"""One suite that every registered update rule passes, built with its default hyperparameters.
+
+Rules registered later are covered automatically: the cases come from ``rules.names()``.
+"""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bpalt import losses, models, rules, train
+
+NAMES = rules.names()
+BATCH = 32
+
+
+def _signature(tree):
+    """Structure, shapes and dtypes of a pytree, comparable with ``==``."""
+    return jax.tree.structure(tree), [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(tree)]
+
+
+def _float_leaves(tree):
+    return [
+        np.asarray(leaf)
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
+
+
+@pytest.fixture(scope="module")
+def network():
+    return models.digits_cnn(channels=(4, 8))
+
+
+@pytest.fixture(scope="module")
+def params(network):
+    return network.init(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def batches(digits):
+    x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+    return (x[:BATCH], y[:BATCH]), (x[BATCH : 2 * BATCH], y[BATCH : 2 * BATCH])
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def case(request, network, params, batches):
+    """One rule's state and two jitted updates on different batches of the same shape."""
+    rule = rules.get(request.param, network)
+    state = rule.init(jax.random.key(1), params)
+    traces = []
+
+    def counted_update(state, params, batch, key):
+        traces.append(request.param)
+        return rule.update(state, params, batch, key)
+
+    update = jax.jit(counted_update)
+    first = update(state, params, batches[0], jax.random.key(2))
+    second = update(first[1], params, batches[1], jax.random.key(3))
+    return SimpleNamespace(
+        name=request.param,
+        rule=rule,
+        state=state,
+        update=update,
+        first=first,
+        second=second,
+        traces=traces,
+    )
+
+
+def test_rule_name(case):
+    assert case.rule.name == case.name
+
+
+def test_traces_once(case):
+    assert case.traces == [case.name]
+
+
+def test_direction_matches_params(case, params):
+    for grads, _, _ in (case.first, case.second):
+        assert _signature(grads) == _signature(params)
+
+
+def test_direction_not_all_zero(case):
+    grads = case.first[0]
+    assert any(np.any(leaf != 0) for leaf in _float_leaves(grads))
+
+
+def test_everything_finite(case):
+    for grads, state, metrics in (case.first, case.second):
+        for leaf in _float_leaves((grads, state, metrics)):
+            assert np.all(np.isfinite(leaf))
+
+
+def test_metrics_flat_scalars_with_loss(case):
+    for _, _, metrics in (case.first, case.second):
+        assert isinstance(metrics, dict)
+        assert "loss" in metrics
+        for key, value in metrics.items():
+            assert isinstance(key, str)
+            assert jnp.shape(value) == ()
+
+
+def test_state_structure_stable(case):
+    assert _signature(case.first[1]) == _signature(case.state)
+    assert _signature(case.second[1]) == _signature(case.state)
+
+
+def test_update_is_deterministic(case, params, batches):
+    again = case.update(case.state, params, batches[0], jax.random.key(2))
+    for expected, actual in zip(jax.tree.leaves(case.first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+
+
+def test_predict_shape(case, params, batches):
+    logits = jax.jit(case.rule.predict)(case.state, params, batches[0][0])
+    assert logits.shape == (BATCH, 10)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.training
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_falls(name, network, params, batches):
+    # 40 steps on one fixed batch: every rule should at least start to fit it.
+    defaults = rules.training_defaults(name)
+    optimizer = getattr(optax, str(defaults.get("optimizer", "adam")))(
+        defaults.get("learning_rate", 1e-2)
+    )
+    rule = rules.get(name, network)
+    x, y = batches[0]
+    step = train.make_train_step(rule, optimizer)
+    loss = jax.jit(
+        lambda state, params: losses.softmax_cross_entropy(rule.predict(state, params, x), y)
+    )
+
+    state = rule.init(jax.random.key(1), params)
+    trained, opt_state = params, optimizer.init(params)
+    for index in range(40):
+        key = jax.random.fold_in(jax.random.key(2), index)
+        trained, state, opt_state, metrics = step(trained, state, opt_state, (x, y), key)
+
+    start, end = (
+        float(loss(rule.init(jax.random.key(1), params), params)),
+        float(loss(state, trained)),
+    )
+    assert np.isfinite(end)
+    assert end < start
+
+
+# --- The registry ------------------------------------------------------------------------------
+
+
+def test_registry_has_core_rules():
+    assert {"bp", "fa", "dfa"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_defaults_keys(name):
+    assert set(rules.training_defaults(name)) <= {
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "learning_rate",
+    }
+
+
+def test_get_unknown_rule_raises(network):
+    with pytest.raises(ValueError, match="unknown rule 'sgd'; accepted: .*bp"):
+        rules.get("sgd", network)
+
+
+def test_get_unknown_hyperparameter_raises(network):
+    with pytest.raises(ValueError, match="unknown hyperparameter.*feedback_size.*'fa'"):
+        rules.get("fa", network, feedback_size=3)
+
+
+def test_get_passes_hyperparameters(network, params):
+    state = rules.get("fa", network, feedback_init="zeros").init(jax.random.key(1), params)
+    assert not np.any(np.asarray(state.feedback[0][0]["w"]))
+
+
+def test_get_accepts_loss_name(network, params, batches):
+    rule = rules.get("bp", network, "mse")
+    _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)
+    logits = network.apply(params, batches[0][0])
+    expected = losses.mean_squared_error(logits, batches[0][1])
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
