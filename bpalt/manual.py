@@ -96,7 +96,7 @@ def dense_forward(x, w, b):
       y, shape (batch, out).
     """
     _check_dense_shapes(x, w)
-    return jnp.matmul(x, w, precision=_PRECISION) + b
+    return jnp.matmul(x, w, precision=_PRECISION) + b[None, :]
 
 
 def dense_backward(x, w, grad_y):
@@ -313,7 +313,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding="VALID"):
     )
 
     if b is not None:
-        y = y + b
+        y = y + b[None, None, None, :]
     return y
 
 

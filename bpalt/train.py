@@ -162,12 +162,15 @@ def run_epoch(
     ``on_step(index, state)``, if given, is called after each step with the step's index
     within the epoch (from 0) and the new state.
     """
-    permutations = epoch_permutations(state, epoch, x.shape[0], batch_size)
-    if permutations.shape[0] == 0:
+    integer = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+    if not integer or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if batch_size > x.shape[0]:
         raise ValueError(
             f"batch size {batch_size} is larger than the training set ({x.shape[0]} examples); "
             "choose a smaller --batch-size"
         )
+    permutations = epoch_permutations(state, epoch, x.shape[0], batch_size)
     history = []
     for index, indices in enumerate(permutations):
         state, metrics = seeds_step(state, x, y, indices)

@@ -83,7 +83,8 @@ def test_console_script_compare(tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
 
     assert finished.returncode == 0, finished.stderr
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["record"] == "epoch"]
     assert [(r["seed"], r["epoch"]) for r in records] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     assert {r["status"] for r in records if r["epoch"] == 1} == {"finished"}
     for name in ("summary.md", "summary.tex", "curves.png", "config.json"):

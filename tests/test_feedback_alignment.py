@@ -276,7 +276,7 @@ def test_feedback_init_by_name(mlp, mlp_params):
     assert weight.shape == (64, 24)
     assert np.abs(weight).max() <= bound
     assert np.abs(weight).max() > 0.9 * bound
-    # Bias leaves only keep the structure of params: they are copied, never drawn.
+    # Bias leaves are copied from params, never drawn, because they only keep the structure.
     np.testing.assert_array_equal(_linear(state.feedback[0])["b"], _linear(mlp_params[0])["b"])
 
 
@@ -295,7 +295,7 @@ def test_zero_feedback_stops_hidden_gradients(mlp, mlp_params, mlp_backprop, ran
     state = rule.init(KEY, mlp_params)
     grads, _, _ = jax.jit(rule.update)(state, mlp_params, random_batch, KEY)
     expected = mlp_backprop(mlp_params, random_batch)[1]
-    # With B = 0 no error reaches the hidden layers: only the output layer learns.
+    # With B = 0 no error reaches the hidden layers, so only the output layer learns.
     assert not np.any(np.asarray(_linear(grads[0])["w"]))
     assert not np.any(np.asarray(_linear(grads[1])["w"]))
     np.testing.assert_allclose(

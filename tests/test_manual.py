@@ -111,7 +111,7 @@ def _dense_case(seed=0, batch=5, n_in=4, n_out=3):
 @jax.jit
 def _dense_oracle(x, w, b, grad_y):
     def forward(x, w, b):
-        return x @ w + b
+        return x @ w + b[None, :]
 
     y, pullback = jax.vjp(forward, x, w, b)
     return y, pullback(grad_y)
@@ -234,7 +234,7 @@ def test_gradient_descent_step_matches_grad():
 
     @jax.jit
     def loss(params):
-        return _bce_oracle(x @ params["w"] + params["b"], labels)
+        return _bce_oracle(x @ params["w"] + params["b"][None, :], labels)
 
     grads = jax.jit(jax.grad(loss))(params)
     updated = manual.gradient_descent_update(params, grads, learning_rate)
@@ -283,7 +283,7 @@ def _conv_oracle(x, w, b, grad_y, stride, padding):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=lax.Precision.HIGHEST,
         )
-        return y + b
+        return y + b[None, None, None, :]
 
     y, pullback = jax.vjp(forward, x, w, b)
     return y, pullback(grad_y)

@@ -63,10 +63,10 @@ def _pool_reference(x, window, stride, padding, reduce):
 
 @pytest.fixture
 def init_apply(draw_params):
-    """Return ``run(layer, input_shape, batch=2)``: init's shape, params, an input, the output.
+    """Return ``run(layer, input_shape, batch=2, seed=1)``.
 
-    The output shape is the one ``layer.init`` reports; the params have init's shapes but
-    are drawn by ``draw_params``, and ``apply`` runs under ``jax.jit``.
+    ``run`` returns the output shape that ``layer.init`` reports, params of init's shapes
+    drawn by ``draw_params``, a random input and the output of the jitted ``layer.apply``.
     """
 
     def run(layer, input_shape, batch=2, seed=1):
@@ -169,7 +169,7 @@ def test_conv2d_without_bias(init_apply):
 
 
 POOL_CASES = [
-    # (input (h, w, c), window, stride, padding); the first four take the reshape path.
+    # (input (h, w, c), window, stride, padding). The first four take the reshape path.
     ((8, 8, 3), 2, None, "VALID"),
     ((7, 9, 2), 2, None, "VALID"),
     ((8, 6, 2), 2, None, "SAME"),
@@ -261,24 +261,30 @@ def test_serial(init_apply):
     ],
     ids=["digits_cnn", "lenet", "mlp"],
 )
-def test_network_forward(build, block_shapes, draw_params):
+def test_network_forward_shapes(build, block_shapes):
+    # Shapes only, so eval_shape suffices and nothing compiles.
     network = build()
-    params = draw_params(jax.eval_shape(network.init, KEY))
-    x = _uniform(1, (3, *network.input_shape))
-    outputs = jax.jit(network.forward)(params, x)
+    params = jax.eval_shape(network.init, KEY)
+    x = jax.ShapeDtypeStruct((3, *network.input_shape), jnp.float32)
+    outputs = jax.eval_shape(network.forward, params, x)
     assert network.block_shapes == block_shapes
     assert network.output_shape == block_shapes[-1]
     assert len(outputs) == network.num_blocks
     assert [o.shape[1:] for o in outputs] == list(block_shapes)
-    np.testing.assert_allclose(outputs[-1], jax.jit(network.apply)(params, x), rtol=RTOL, atol=ATOL)
 
 
 def test_network_forward_chains_blocks(small_cnn, draw_params):
     params = draw_params(jax.eval_shape(small_cnn.init, KEY))
     x = _uniform(1, (2, 8, 8, 1))
     outputs = jax.jit(small_cnn.forward)(params, x)
+    first = jax.jit(small_cnn.blocks[0].apply)(params[0], x)
     second = jax.jit(small_cnn.blocks[1].apply)(params[1], outputs[0])
+    assert len(outputs) == 3
+    np.testing.assert_allclose(outputs[0], first, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(outputs[1], second, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        outputs[2], jax.jit(small_cnn.apply)(params, x), rtol=RTOL, atol=ATOL
+    )
 
 
 def test_network_init_rejects_other_input_shape():

@@ -22,6 +22,13 @@ def _signature(tree):
     return jax.tree.structure(tree), [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(tree)]
 
 
+def _host_values(leaf):
+    """A leaf as a NumPy array; PRNG key arrays become their raw key data."""
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf)
+
+
 def _float_leaves(tree):
     return [
         np.asarray(leaf)
@@ -112,7 +119,7 @@ def test_state_structure_stable(case):
 def test_update_is_deterministic(case, params, batches):
     again = case.update(case.state, params, batches[0], jax.random.key(2))
     for expected, actual in zip(jax.tree.leaves(case.first), jax.tree.leaves(again)):
-        np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+        np.testing.assert_array_equal(_host_values(actual), _host_values(expected))
 
 
 def test_predict_shape(case, params, batches):
@@ -124,7 +131,8 @@ def test_predict_shape(case, params, batches):
 @pytest.mark.training
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_falls(name, network, params, batches):
-    # 40 steps on one fixed batch: every rule should at least start to fit it.
+    # 40 steps on one fixed batch of 32 digits. Every rule should cut the loss by 10 % at
+    # least; bp, fa, dfa, es and ntk cut it by 40 % to 95 %.
     defaults = rules.training_defaults(name)
     optimizer = getattr(optax, str(defaults.get("optimizer", "adam")))(
         defaults.get("learning_rate", 1e-2)
@@ -137,17 +145,16 @@ def test_loss_falls(name, network, params, batches):
     )
 
     state = rule.init(jax.random.key(1), params)
+    start = float(loss(state, params))
     trained, opt_state = params, optimizer.init(params)
     for index in range(40):
         key = jax.random.fold_in(jax.random.key(2), index)
         trained, state, opt_state, metrics = step(trained, state, opt_state, (x, y), key)
+    end = float(loss(state, trained))
 
-    start, end = (
-        float(loss(rule.init(jax.random.key(1), params), params)),
-        float(loss(state, trained)),
-    )
+    assert np.isfinite(float(metrics["loss"]))
     assert np.isfinite(end)
-    assert end < start
+    assert end < 0.9 * start
 
 
 # --- The registry ------------------------------------------------------------------------------

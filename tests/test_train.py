@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bpalt import losses, rules, train
+from bpalt import losses, models, nn, rules, train
 
 SEEDS = (0, 1, 2)
 NUM_EXAMPLES = 100
@@ -39,14 +39,20 @@ def optimizer():
 
 
 @pytest.fixture(scope="module")
-def fa_rule(small_cnn):
-    return rules.feedback_alignment(small_cnn)
+def network():
+    # One dense hidden block: seeds tests compile vmapped inits, which are slow for a CNN.
+    return models.mlp((8, 8, 1), [16], activation=nn.tanh)
 
 
 @pytest.fixture(scope="module")
-def seeds_state(fa_rule, small_cnn, optimizer):
-    """Three stacked feedback-alignment runs; tests take a copy before stepping."""
-    return train.init_seeds(fa_rule, small_cnn, optimizer, SEEDS)
+def fa_rule(network):
+    return rules.feedback_alignment(network)
+
+
+@pytest.fixture(scope="module")
+def seeds_state(fa_rule, network, optimizer):
+    """Three stacked feedback-alignment runs. Tests step a copy, because the step donates it."""
+    return train.init_seeds(fa_rule, network, optimizer, SEEDS)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +94,9 @@ def test_train_step_equals_hand_written(small_cnn, draw_params, data):
 # --- Seeds under vmap -------------------------------------------------------------------------
 
 
-def test_init_seeds_equals_single_runs(seeds_state, fa_rule, small_cnn, optimizer):
+def test_init_seeds_equals_single_runs(seeds_state, fa_rule, network, optimizer):
     for index, seed in enumerate(SEEDS):
-        alone = train.init_train_state(fa_rule, small_cnn, optimizer, jax.random.key(seed))
+        alone = train.init_train_state(fa_rule, network, optimizer, jax.random.key(seed))
         stacked = _seed(seeds_state, index)
         # Under vmap and jit the Gaussian draws may differ from eager ones in the last bit.
         _assert_trees_close(stacked.params, alone.params)
@@ -100,7 +106,7 @@ def test_init_seeds_equals_single_runs(seeds_state, fa_rule, small_cnn, optimize
         )
     assert seeds_state.diverged.shape == (3,)
     assert not np.any(np.asarray(seeds_state.diverged))
-    assert not np.allclose(seeds_state.params[0][0]["w"][0], seeds_state.params[0][0]["w"][1])
+    assert not np.allclose(seeds_state.params[0][1]["w"][0], seeds_state.params[0][1]["w"][1])
 
 
 def test_seeds_step_equals_single_runs(seeds_state, seeds_step, fa_rule, optimizer, data):
@@ -148,7 +154,7 @@ def test_nan_params_freeze_one_seed(seeds_state, seeds_step, data):
     for index in (0, 2):
         for leaf in jax.tree.leaves(state.params):
             assert np.all(np.isfinite(np.asarray(leaf[index])))
-        assert not np.allclose(state.params[0][0]["w"][index], start[0][0]["w"][index])
+        assert not np.allclose(state.params[0][1]["w"][index], start[0][1]["w"][index])
         assert np.isfinite(float(metrics["loss"][index]))
     for leaf in jax.tree.leaves(state.params):
         assert np.all(np.isnan(np.asarray(leaf[1])))
@@ -175,10 +181,10 @@ def test_non_finite_update_keeps_last_finite_params(seeds_state, seeds_step, dat
 
 
 def test_select_seeds(seeds_state):
-    kept = train.select_seeds(seeds_state, [True, False, True])
-    np.testing.assert_array_equal(kept.params[0][0]["w"][1], seeds_state.params[0][0]["w"][2])
-    assert kept.step.shape == (2,)
-    assert jax.random.key_data(kept.key).shape[0] == 2
+    selected = train.select_seeds(seeds_state, [True, False, True])
+    np.testing.assert_array_equal(selected.params[0][1]["w"][1], seeds_state.params[0][1]["w"][2])
+    assert selected.step.shape == (2,)
+    assert jax.random.key_data(selected.key).shape[0] == 2
 
 
 # --- Epochs -----------------------------------------------------------------------------------
@@ -221,20 +227,29 @@ def test_run_epoch(seeds_state, seeds_step, data):
     assert np.all(np.isfinite(np.asarray(means["loss"])))
 
 
-def test_run_epoch_batch_larger_than_data_raises(seeds_state, seeds_step, data):
+def test_run_epoch_batch_larger_than_data_raises(seeds_state, data):
     x, y = data
+    calls = []
     with pytest.raises(ValueError, match=r"batch size 101 is larger than the training set \(100"):
-        train.run_epoch(seeds_step, seeds_state, x, y, epoch=0, batch_size=NUM_EXAMPLES + 1)
+        train.run_epoch(calls.append, seeds_state, x, y, epoch=0, batch_size=NUM_EXAMPLES + 1)
+    assert calls == []
+
+
+@pytest.mark.parametrize("batch_size", [0, -4, 2.0])
+def test_run_epoch_bad_batch_size_raises(seeds_state, data, batch_size):
+    x, y = data
+    with pytest.raises(ValueError, match="batch size must be a positive integer"):
+        train.run_epoch(None, seeds_state, x, y, epoch=0, batch_size=batch_size)
 
 
 # --- Evaluation -------------------------------------------------------------------------------
 
 
-def test_evaluate_equals_numpy(seeds_state, fa_rule, small_cnn, data):
+def test_evaluate_equals_numpy(seeds_state, fa_rule, network, data):
     x, y = data
     evaluate = train.make_evaluate(fa_rule, losses.softmax_cross_entropy, chunk_size=40)
     accuracy, loss = evaluate(seeds_state, x, y)
-    apply = jax.jit(small_cnn.apply)
+    apply = jax.jit(network.apply)
     assert accuracy.shape == (3,)
     for index in range(len(SEEDS)):
         logits = np.asarray(apply(_seed(seeds_state.params, index), x), np.float64)
@@ -242,6 +257,6 @@ def test_evaluate_equals_numpy(seeds_state, fa_rule, small_cnn, data):
         shifted = logits - logits.max(1, keepdims=True)
         log_probabilities = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
         expected_loss = -np.mean(log_probabilities[np.arange(NUM_EXAMPLES), np.asarray(y)])
-        # One example is 0.01 of accuracy; 1e-6 only absorbs float32 rounding.
+        # One example changes the accuracy by 0.01, so 1e-6 only absorbs float32 rounding.
         assert accuracy[index] == pytest.approx(expected_accuracy, abs=1e-6)
         assert loss[index] == pytest.approx(expected_loss, rel=1e-5)
