@@ -13,6 +13,7 @@ from bpalt import (
     models,
     nn,
     rules,
+    studies,
     train,
 )
 from bpalt.nn import Layer, Network
@@ -34,5 +35,6 @@ __all__ = [
     "models",
     "nn",
     "rules",
+    "studies",
     "train",
 ]

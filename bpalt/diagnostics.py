@@ -4,19 +4,27 @@ Every metric has one fixed name and one definition:
 
 - ``update_cosine/<block>``: cosine between the rule's direction for the block's params
   (all its leaves flattened and concatenated) and the backprop gradient of the same params,
-  at the same params and batch. 1 means the rule points where backprop points.
+  at the same params and batch. 1 means the rule points where backprop points; a block
+  whose direction or gradient is all zeros gets 0.
 - ``update_norm_ratio/<block>``: norm of the rule's direction divided by the norm of the
-  backprop gradient, for the same block (rule over backprop).
-- ``weight_angle_deg/<block>``: angle in degrees between the block's linear weights
-  (flattened and concatenated) and the feedback weights the rule uses in their place
-  (feedback alignment and its variants). The network's first linear layer has feedback
-  weights too, but the rule never uses them: the error it would carry goes to the input.
-- ``grad_norm/<layer>``: norm of a parametric layer's gradient (all its leaves), for
-  showing vanishing and exploding gradients; ``<layer>`` is ``block<i>.<j>``, the j-th
-  layer of block i, or ``block<i>`` when the block is a single layer.
+  backprop gradient, for the same block (rule over backprop). 1 for backprop itself.
+- ``weight_angle_deg/<block>``: angle in degrees between the block's linear weights (the
+  ``"w"`` leaves, flattened and concatenated) and the feedback weights that the rule sends
+  the error through in their place. It exists for feedback alignment and for the variants
+  whose state has a params-shaped ``feedback`` field. The network's first linear layer is
+  left out, because its feedback would only carry the error to the input and the rule never
+  uses it; a block with no other linear layer gets no angle. 0 degrees means the feedback is
+  a positive multiple of the weights; with feedback equal to the weights, feedback alignment
+  is backprop.
+- ``grad_norm/<layer>``: Euclidean norm of one parametric layer's backprop gradient (weights
+  and bias together), for showing vanishing and exploding gradients. ``<layer>`` is
+  ``block<i>.<j>`` for the j-th layer of block i (``serial`` counts every layer, so in
+  ``models.mlp`` the first dense layer is ``block0.1`` after the flatten), or ``block<i>``
+  when the block is a single layer.
 
-The backprop reference is computed beside the step from copies of nothing but the inputs:
-it never changes the training state.
+``make_diagnose`` computes the backprop reference beside the training step. It reads the
+params, the rule state and the batch and returns new arrays only, so the training state is
+never changed.
 """
 
 from __future__ import annotations
@@ -29,23 +37,41 @@ import jax.numpy as jnp
 from bpalt.nn import Network
 from bpalt.rules.base import UpdateRule
 
+# Floor for norms used as divisors, so that an all-zero direction or gradient gives a
+# cosine of 0 and a finite ratio instead of nan.
 _TINY = 1e-30
 
 
 def _flat(tree) -> jax.Array:
+    """Flatten and concatenate all leaves of ``tree``: (total size,)."""
     leaves = [jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)]
     return jnp.concatenate(leaves) if leaves else jnp.zeros((0,))
 
 
+def _norm(vector: jax.Array) -> jax.Array:
+    """Compute the Euclidean norm of a 1-D array, scaled so that tiny entries do not vanish.
+
+    Vanishing gradients reach 1e-20 and below, where ``sum(x**2)`` underflows to 0 in
+    float32. Dividing by the largest absolute entry first keeps every square in range.
+    """
+    if vector.size == 0:
+        return jnp.zeros((), vector.dtype)
+    scale = jnp.max(jnp.abs(vector))
+    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    return scale * jnp.linalg.norm(vector / safe_scale)
+
+
 def cosine(a, b) -> jax.Array:
-    """Cosine between two pytrees of equal structure, flattened; 0 if either is zero."""
+    """Compute the cosine between two flattened pytrees of equal structure (0 if either is 0)."""
     a, b = _flat(a), _flat(b)
-    return jnp.dot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), _TINY)
+    a_unit = a / jnp.maximum(_norm(a), _TINY)
+    b_unit = b / jnp.maximum(_norm(b), _TINY)
+    return jnp.dot(a_unit, b_unit)
 
 
 def norm_ratio(a, b) -> jax.Array:
-    """``||a|| / ||b||`` of two flattened pytrees."""
-    return jnp.linalg.norm(_flat(a)) / jnp.maximum(jnp.linalg.norm(_flat(b)), _TINY)
+    """``||a|| / ||b||`` of two flattened pytrees (``||b||`` floored at 1e-30)."""
+    return _norm(_flat(a)) / jnp.maximum(_norm(_flat(b)), _TINY)
 
 
 def _has_leaves(tree) -> bool:
@@ -69,26 +95,44 @@ def alignment_metrics(direction, reference, block_names) -> dict[str, jax.Array]
     return metrics
 
 
-def _linear_weights(block_tree) -> list[jax.Array]:
-    leaves = jax.tree_util.tree_flatten_with_path(block_tree)[0]
-    return [
-        leaf
-        for path, leaf in leaves
-        if isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key == "w"
-    ]
+def _is_weight(path) -> bool:
+    last = path[-1]
+    return isinstance(last, jax.tree_util.DictKey) and last.key == "w"
+
+
+def _used_weights(tree) -> list[list[jax.Array]]:
+    """Per block, the ``"w"`` leaves of every linear layer except the network's first one.
+
+    ``tree`` is params-shaped: a tuple with one entry per block. Leaves are visited in
+    forward order (blocks and ``serial`` layers are tuples), so the first ``"w"`` leaf found
+    belongs to the first linear layer.
+    """
+    per_block, seen_first = [], False
+    for block_tree in tree:
+        weights = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(block_tree)[0]:
+            if not _is_weight(path):
+                continue
+            if seen_first:
+                weights.append(leaf)
+            seen_first = True
+        per_block.append(weights)
+    return per_block
 
 
 def weight_angles(params, feedback, block_names) -> dict[str, jax.Array]:
-    """``weight_angle_deg/<block>``: angle between each block's weights and feedback weights.
+    """``weight_angle_deg/<block>``: angle between each block's weights and its feedback.
 
-    ``feedback`` has the params' structure, as in feedback alignment's state.
+    ``feedback`` has the params' structure, as in feedback alignment's state. The network's
+    first linear layer is skipped (its feedback is never used), so a block made of that
+    layer alone gets no entry.
     """
     metrics = {}
-    for name, block_params, block_feedback in zip(block_names, params, feedback):
-        weights = _linear_weights(block_params)
+    used_params, used_feedback = _used_weights(params), _used_weights(feedback)
+    for name, weights, feedback_weights in zip(block_names, used_params, used_feedback):
         if not weights:
             continue
-        c = cosine(weights, _linear_weights(block_feedback))
+        c = cosine(weights, feedback_weights)
         metrics[f"weight_angle_deg/{name}"] = jnp.degrees(jnp.arccos(jnp.clip(c, -1.0, 1.0)))
     return metrics
 
@@ -99,6 +143,7 @@ def layer_names(params) -> list[str]:
 
 
 def _layer_groups(tree) -> dict[str, list[jax.Array]]:
+    """Leaves grouped by layer name: ``block<i>`` plus ``.<j>`` per level of tuple nesting."""
     groups: dict[str, list[jax.Array]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         indices = [p.idx for p in path if isinstance(p, jax.tree_util.SequenceKey)]
@@ -110,13 +155,12 @@ def _layer_groups(tree) -> dict[str, list[jax.Array]]:
 def grad_norms(grads) -> dict[str, jax.Array]:
     """``grad_norm/<layer>``: the norm of every parametric layer's gradient."""
     return {
-        f"grad_norm/{name}": jnp.linalg.norm(_flat(leaves))
-        for name, leaves in _layer_groups(grads).items()
+        f"grad_norm/{name}": _norm(_flat(leaves)) for name, leaves in _layer_groups(grads).items()
     }
 
 
 def backprop_gradient(network: Network, loss, params, batch):
-    """The true loss gradient: the reference every rule is compared with."""
+    """Compute the true loss gradient, the reference that every rule is compared with."""
     x, y = batch
     return jax.grad(lambda p: loss(network.apply(p, x), y))(params)
 
@@ -124,11 +168,12 @@ def backprop_gradient(network: Network, loss, params, batch):
 def make_diagnose(rule: UpdateRule, network: Network, loss):
     """Return ``diagnose(state, params, batch, key) -> metrics`` with every diagnostic.
 
-    It runs the rule's ``update`` on the given state and discards the returned state, and
-    computes the backprop gradient at the same params and batch; the caller's state is
-    never changed. Metrics: ``update_cosine/*``, ``update_norm_ratio/*``, ``grad_norm/*``
-    (of the backprop gradient) and, when the rule state has params-shaped ``feedback``,
-    ``weight_angle_deg/*``.
+    ``diagnose`` calls the rule's ``update`` on the given state and drops the state it
+    returns, and computes the backprop gradient at the same params and batch. Both are pure
+    functions of their inputs, so the caller's params and rule state stay as they were (a
+    test compares them bitwise). Metrics: ``update_cosine/*``, ``update_norm_ratio/*``,
+    ``grad_norm/*`` (of the backprop gradient) and, when the rule state has a params-shaped
+    ``feedback`` field, ``weight_angle_deg/*``.
     """
 
     def diagnose(state, params, batch, key):

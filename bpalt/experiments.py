@@ -9,6 +9,7 @@ Output folder:
   non-finite (the run then stops), or ``failed`` with the error when the rule raised. Lines
   with ``"record": "diagnostics"`` hold the diagnostics (``bpalt.diagnostics``) of one seed
   at one ``step``, logged every ``diagnostics_every`` steps and after the first step.
+- ``command.txt``: the command that produced the folder, for the rendered summary.
 - ``checkpoints/<rule>.msgpack``: the state of all seeds of a rule after its last epoch.
 - ``summary.md``, ``summary.tex``, ``curves.png``, ``alignment.png``: rendered from
   ``results.jsonl`` (``bpalt table`` renders them again without training).
@@ -279,6 +280,8 @@ def compare(
     data.check_input_shape(dataset, network.input_shape)
     specs = comparison.runs()
     prepare_output(out, comparison.to_json())
+    if command:
+        checkpoint.write_atomic(out / "command.txt", command + "\n")
 
     log = ResultsLog(out / "results.jsonl")
     records = read_results(log.path)
