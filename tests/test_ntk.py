@@ -22,13 +22,19 @@ def params(network):
     return network.init(jax.random.key(0))
 
 
+@pytest.fixture(scope="module")
+def small_network():
+    """A one-hidden-layer MLP: compiles faster where the architecture does not matter."""
+    return models.mlp((8, 8, 1), [16])
+
+
 def _inputs(key, n):
     return jax.random.uniform(jax.random.key(key), (n, 8, 8, 1))
 
 
 def _jacobian(network, params, x):
     """Reference Jacobian (n, C, P) of the whole batch by ``jax.jacrev``."""
-    jacobian = jax.jacrev(network.apply)(params, x)
+    jacobian = jax.jit(jax.jacrev(network.apply))(params, x)
     n, c = x.shape[0], NUM_CLASSES
     return jnp.concatenate([leaf.reshape(n, c, -1) for leaf in jax.tree.leaves(jacobian)], -1)
 
@@ -130,30 +136,35 @@ def test_empirical_ntk_matches_jacrev(network, params, reference_kernel, method)
 
 
 @pytest.mark.parametrize("method", ntk.NTK_METHODS)
-def test_empirical_ntk_tiled_equals_untiled(network, params, method):
+def test_empirical_ntk_tiled_equals_untiled(small_network, method):
+    params = small_network.init(jax.random.key(1))
     x1, x2 = _inputs(13, 7), _inputs(14, 5)
     for trace in (False, True):
-        whole = ntk.empirical_ntk(network, params, x1, x2, trace=trace, method=method)
+        whole = ntk.empirical_ntk(small_network, params, x1, x2, trace=trace, method=method)
         # A tile of 3 leaves partial last tiles on both inputs.
         tiled = ntk.empirical_ntk(
-            network, params, x1, x2, trace=trace, method=method, batch_size=3
+            small_network, params, x1, x2, trace=trace, method=method, batch_size=3
         )
         np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5 * float(whole.max()))
 
 
-def test_empirical_ntk_same_inputs_symmetric(network, params):
+def test_empirical_ntk_same_inputs_tiled(small_network):
+    params = small_network.init(jax.random.key(2))
     x = _inputs(15, 6)
-    kernel = ntk.empirical_ntk(network, params, x, trace=False)
-    explicit = ntk.empirical_ntk(network, params, x, x + 0.0, trace=False)
+    kernel = ntk.empirical_ntk(small_network, params, x, trace=False)
+    explicit = ntk.empirical_ntk(small_network, params, x, x + 0.0, trace=False)
+    tiled = ntk.empirical_ntk(small_network, params, x, trace=False, batch_size=4)
 
     np.testing.assert_allclose(kernel, explicit, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tiled, explicit, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kernel, kernel.transpose(1, 0, 3, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_empirical_ntk_accepts_apply_function(network, params):
+def test_empirical_ntk_accepts_apply_function(small_network):
+    params = small_network.init(jax.random.key(3))
     x = _inputs(16, 4)
-    from_network = ntk.empirical_ntk(network, params, x)
-    from_function = ntk.empirical_ntk(lambda p, inputs: network.apply(p, inputs), params, x)
+    from_network = ntk.empirical_ntk(small_network, params, x)
+    from_function = ntk.empirical_ntk(lambda p, inputs: small_network.apply(p, inputs), params, x)
     np.testing.assert_allclose(from_function, from_network, rtol=1e-6)
 
 

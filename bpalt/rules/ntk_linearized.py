@@ -30,8 +30,10 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(tree)))
 
 
-@register("ntk", training={"epochs": 40, "batch_size": 64, "optimizer": "adam",
-                           "learning_rate": 3e-3})
+@register(
+    "ntk",
+    training={"epochs": 20, "batch_size": 64, "optimizer": "adam", "learning_rate": 1e-2},
+)
 def ntk_linearized(network: Network, loss=losses.softmax_cross_entropy) -> UpdateRule:
     """Train the network's first-order Taylor expansion at its initial params.
 
