@@ -15,9 +15,10 @@ examples and builds each ``m x m`` kernel once.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_factor, cho_solve
 
 NORMALIZED_HSIC_EPSILON = 1e-5
 """Ridge ``eps`` of ``R = K_c (K_c + eps m I)^-1``, the value in the authors' code."""
@@ -80,19 +81,82 @@ def hsic_from_centred(centred_x: jax.Array, centred_z: jax.Array) -> jax.Array:
     return jnp.sum(centred_x * centred_z) / (m - 1) ** 2
 
 
+@jax.custom_batching.custom_vmap
+def _inverse(matrix: jax.Array) -> jax.Array:
+    return jnp.linalg.inv(matrix)
+
+
+@_inverse.def_vmap
+def _inverse_one_at_a_time(axis_size, in_batched, matrix):
+    # jaxlib 0.10.2 splits a batched LAPACK call into tasks on XLA:CPU's intra-op thread
+    # pool and blocks until they finish. When as many batched calls run at once as the
+    # pool has threads (two on a 2-core machine), every thread waits and the step hangs.
+    # Seeds under vmap were enough to trigger it. Looping over the batch keeps each call
+    # unbatched, and unbatched calls run inline.
+    del axis_size, in_batched
+    return jax.lax.map(_inverse, matrix), True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ridge_ratio(centred: jax.Array, ridge: float) -> jax.Array:
+    """``C (C + ridge I)^-1`` for a symmetric positive semi-definite ``C``."""
+    return _ridge_ratio_fwd(centred, ridge)[0]
+
+
+def _ridge_ratio_fwd(centred, ridge):
+    # With A = C + ridge I, C A^-1 = I - ridge A^-1: one inverse serves the forward and
+    # the backward pass, which then needs only matrix products.
+    identity = jnp.eye(centred.shape[0], dtype=centred.dtype)
+    inverse = _inverse(centred + ridge * identity)
+    inverse = 0.5 * (inverse + inverse.T)
+    return identity - ridge * inverse, inverse
+
+
+def _ridge_ratio_bwd(ridge, inverse, cotangent):
+    # dR = ridge A^-1 dC A^-1, so the cotangent of C is ridge A^-1 G A^-1 (A symmetric).
+    return (ridge * (inverse @ cotangent @ inverse),)
+
+
+_ridge_ratio.defvjp(_ridge_ratio_fwd, _ridge_ratio_bwd)
+
+
 def normalized_kernel(kernel: jax.Array, epsilon: float = NORMALIZED_HSIC_EPSILON) -> jax.Array:
     """``R = K_c (K_c + eps m I)^-1`` with ``K_c = H K H`` the centred kernel.
 
-    ``K_c`` and ``(K_c + eps m I)^-1`` are functions of the same symmetric matrix, so they
-    commute and ``R = (K_c + eps m I)^-1 K_c``: one Cholesky solve, since ``K_c`` is
-    positive semi-definite and the ridge makes the system positive definite.
+    Computed as ``I - eps m (K_c + eps m I)^-1``, from one inverse of a symmetric positive
+    definite matrix; the backward pass reuses that inverse and needs only matrix products.
+    Under ``vmap`` the inverses run one matrix at a time, which avoids a hang of batched
+    LAPACK calls in jaxlib 0.10.2 on CPU.
 
-    Shapes: (m, m) -> (m, m), symmetric up to rounding.
+    Shapes: (m, m) -> (m, m), symmetric.
     """
     m = kernel.shape[0]
-    centred = center(kernel)
-    ridged = centred + epsilon * m * jnp.eye(m, dtype=centred.dtype)
-    return cho_solve(cho_factor(ridged, lower=True), centred)
+    return _ridge_ratio(center(kernel), epsilon * m)
+
+
+def normalized_one_hot_kernel(
+    one_hot: jax.Array, sigma, epsilon: float = NORMALIZED_HSIC_EPSILON
+) -> jax.Array:
+    """``normalized_kernel(gaussian_kernel(one_hot, sigma), epsilon)`` for one-hot rows.
+
+    Two one-hot rows are at squared distance 0 or 2, so ``K = kappa 11^T + (1 - kappa)
+    Y Y^T`` with ``kappa = exp(-1 / (sigma^2 c))``, and the centred kernel is ``b U U^T``
+    with ``U = H Y`` and ``b = 1 - kappa``. Then ``R = U (U^T U + (eps m / b) I)^-1 U^T``:
+    a (c, c) inverse in place of an (m, m) one.
+
+    Shapes: ``one_hot`` (m, c) with exactly one 1 per row -> (m, m).
+    """
+    m, classes = one_hot.shape
+    scale = 1.0 - jnp.exp(-1.0 / (sigma**2 * classes))
+    centred = one_hot - one_hot.mean(axis=0, keepdims=True)
+    identity = jnp.eye(classes, dtype=centred.dtype)
+    gram = centred.T @ centred + (epsilon * m / scale) * identity
+
+    # U 1 = 0, so adding 11^T changes nothing in exact arithmetic. It lifts the smallest
+    # eigenvalue of the Gram matrix, eps m / b, whose float32 inverse error U would
+    # otherwise pass on through rounding.
+    gram = gram + jnp.ones_like(gram)
+    return centred @ _inverse(gram) @ centred.T
 
 
 def normalized_hsic(normalized_x: jax.Array, normalized_z: jax.Array) -> jax.Array:

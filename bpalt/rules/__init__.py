@@ -15,8 +15,14 @@ from bpalt.rules.evolution_strategies import (
 )
 from bpalt.rules.evolution_strategies import evolution_strategies as evolution_strategies
 from bpalt.rules.feedback_alignment import FeedbackAlignmentState, feedback_alignment
+from bpalt.rules.greedy_infomax import GreedyInfoMaxState as GreedyInfoMaxState
+from bpalt.rules.greedy_infomax import greedy_infomax as greedy_infomax
+from bpalt.rules.hsic_bottleneck import HSICBottleneckState as HSICBottleneckState
+from bpalt.rules.hsic_bottleneck import hsic_bottleneck as hsic_bottleneck
 from bpalt.rules.ntk_linearized import NTKLinearizedState as NTKLinearizedState
 from bpalt.rules.ntk_linearized import ntk_linearized as ntk_linearized
+from bpalt.rules.random_features import RandomFeaturesState as RandomFeaturesState
+from bpalt.rules.random_features import random_features as random_features
 from bpalt.rules.registry import (
     constructor,
     get,
@@ -29,15 +35,25 @@ from bpalt.rules.registry import (
 __all__ = [
     "BackpropState",
     "DirectFeedbackAlignmentState",
+    "EvolutionStrategiesState",
     "FeedbackAlignmentState",
+    "GreedyInfoMaxState",
+    "HSICBottleneckState",
+    "NTKLinearizedState",
+    "RandomFeaturesState",
     "UpdateRule",
     "backprop",
     "constructor",
     "direct_feedback_alignment",
+    "evolution_strategies",
     "feedback_alignment",
     "get",
+    "greedy_infomax",
+    "hsic_bottleneck",
     "hyperparameters",
     "names",
+    "ntk_linearized",
+    "random_features",
     "register",
     "training_defaults",
 ]

@@ -47,7 +47,10 @@ def zeros_except_readout(grads):
     return (*hidden, grads[-1])
 
 
-@register("random_features")
+@register(
+    "random_features",
+    training={"epochs": 60, "batch_size": 64, "optimizer": "adam", "learning_rate": 1e-2},
+)
 def random_features(network: Network, loss=losses.softmax_cross_entropy) -> UpdateRule:
     """Train only the output block, by ``loss``, on the stopped features of frozen blocks.
 
@@ -72,9 +75,7 @@ def random_features(network: Network, loss=losses.softmax_cross_entropy) -> Upda
 
     def update(state, params, batch, key):
         del key
-        value, grads = jax.value_and_grad(
-            lambda p: readout_loss(network, loss, p, batch)
-        )(params)
+        value, grads = jax.value_and_grad(lambda p: readout_loss(network, loss, p, batch))(params)
         return zeros_except_readout(grads), state, {"loss": value}
 
     def predict(state, params, x):
