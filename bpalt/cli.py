@@ -137,7 +137,11 @@ def _run(args, rule_names) -> int:
     command = "bpalt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = experiments.compare(comparison, out, command=command, show_progress=not args.quiet)
     _print_table(rows)
-    print(f"results in {out}/ (summary.md, results.jsonl, curves.png)")
+    print(f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png, alignment.png)")
+    failed = [row["rule"] for row in rows if row["statuses"].get("failed")]
+    if failed:
+        print(f"bpalt: error: rule(s) {', '.join(failed)} failed; see summary.md", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,12 @@ class Comparison:
 
 def _positive(name: str, value, integer: bool) -> None:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not value > 0
+        or not math.isfinite(value)
+    ):
         what = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
@@ -170,9 +176,14 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
         )
     merged = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
 
-    rule_names = merged.get("rules") or list(rules.names())
+    rule_names = merged.get("rules", list(rules.names()))
     if isinstance(rule_names, str):
-        rule_names = [name.strip() for name in rule_names.split(",") if name.strip()]
+        rule_names = [name.strip() for name in rule_names.split(",")]
+    if not rule_names or any(not name for name in rule_names):
+        raise ValueError(
+            f"rules must be a non-empty list of rule names, got {merged.get('rules')!r}; "
+            f"accepted: {', '.join(rules.names())}"
+        )
     for name in rule_names:
         rules.constructor(name)
     if len(set(rule_names)) != len(rule_names):
@@ -196,8 +207,12 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
     training = {key: merged[key] for key in GLOBAL_TRAINING if key in merged}
     validate_training(training)
     rule_settings = merged.get("rule", {})
+    if not isinstance(rule_settings, dict):
+        raise ValueError(f"[rule] must be a table of [rule.<name>] tables, got {rule_settings!r}")
     for name, settings in rule_settings.items():
         rules.constructor(name)
+        if not isinstance(settings, dict):
+            raise ValueError(f"[rule.{name}] must be a table of settings, got {settings!r}")
         validate_training(settings, where=f"[rule.{name}]")
         hyper = {k: v for k, v in settings.items() if k not in GLOBAL_TRAINING}
         accepted = rules.hyperparameters(name)
@@ -237,8 +252,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML config file, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found (or not a file): {path}")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"invalid TOML in {path}: {error}") from None

@@ -60,12 +60,30 @@ def _config_differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
+def _fingerprint(record: dict[str, Any]) -> dict[str, Any]:
+    """What must match to resume: data, model, loss, seeds and every run's resolved settings.
+
+    How a setting was given (default, file or command line) and the rules' order do not
+    matter.
+    """
+    kept = {k: v for k, v in record.items() if k not in ("training", "rule_settings", "rules")}
+    kept["runs"] = {run["rule"]: run for run in record.get("runs", [])}
+    return kept
+
+
 def prepare_output(out: Path, record: dict[str, Any]) -> None:
     """Create ``out`` with ``config.json``, or check that an existing one matches ``record``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; name a folder")
     path = out / "config.json"
     if path.exists():
-        previous = json.loads(path.read_text())
-        differences = _config_differences(previous, record)
+        try:
+            previous = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"cannot read {path} ({error}); it is damaged: choose another --out"
+            ) from None
+        differences = _config_differences(_fingerprint(previous), _fingerprint(record))
         if differences:
             raise ConfigMismatchError(
                 f"{out} holds a comparison with a different config ({'; '.join(differences)}); "
@@ -234,7 +252,13 @@ def run_rule(runner: RuleRunner, out: Path, log: ResultsLog, progress=None) -> N
     state = runner.initial_state()
     first_epoch = 0
     if path.exists():
-        state, metadata = checkpoint.load(path, state)
+        try:
+            state, metadata = checkpoint.load(path, state)
+        except Exception as error:
+            raise ValueError(
+                f"cannot read checkpoint {path} ({error}); delete it to restart rule "
+                f"{spec.rule!r} from epoch 0"
+            ) from None
         first_epoch = int(metadata["epoch"]) + 1
         if progress is not None:
             progress.update(first_epoch)
@@ -279,6 +303,15 @@ def compare(
     network = config.build_network(comparison, dataset.input_shape, dataset.num_classes)
     data.check_input_shape(dataset, network.input_shape)
     specs = comparison.runs()
+    for spec in specs:
+        # Build every rule first, so that a bad hyperparameter or batch size is reported
+        # before anything trains.
+        rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
+        if spec.batch_size > dataset.x_train.shape[0]:
+            raise ValueError(
+                f"batch size {spec.batch_size} of rule {spec.rule!r} is larger than the "
+                f"training set ({dataset.x_train.shape[0]} examples); choose a smaller one"
+            )
     prepare_output(out, comparison.to_json())
     if command:
         checkpoint.write_atomic(out / "command.txt", command + "\n")
@@ -333,4 +366,9 @@ def _checkpoint_epoch(path: Path) -> int:
         return -1
     from flax import serialization
 
-    return int(serialization.msgpack_restore(path.read_bytes())["metadata"]["epoch"])
+    try:
+        return int(serialization.msgpack_restore(path.read_bytes())["metadata"]["epoch"])
+    except Exception as error:
+        raise ValueError(
+            f"cannot read checkpoint {path} ({error}); delete it to restart that rule"
+        ) from None

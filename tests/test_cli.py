@@ -24,7 +24,7 @@ from bpalt import cli
         (["compare", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
         (["train"], "--rule"),
         (["table", "/no/such/results"], "no results.jsonl in /no/such/results"),
-        (["compare", "--config", "/no/such.toml"], "config file not found: /no/such.toml"),
+        (["compare", "--config", "/no/such.toml"], "config file not found (or not a file)"),
     ],
 )
 def test_bad_input_one_line(arguments, message, capsys):
@@ -90,3 +90,40 @@ def test_console_script_compare(tmp_path):
     for name in ("summary.md", "summary.tex", "curves.png", "config.json"):
         assert (out / name).exists(), name
     assert "bp" in finished.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["compare", "--rules", "bp", "--batch-size", "5000"], "batch size 5000 of rule 'bp'"),
+        (["compare", "--rules="], "rules must be a non-empty list of rule names"),
+        (["compare", "--rules", "bp,,fa"], "rules must be a non-empty list of rule names"),
+        (["compare", "--learning-rate", "inf"], "learning rate must be a positive number, got inf"),
+    ],
+)
+def test_rejected_before_training(arguments, message, tmp_path, capsys):
+    status = cli.main([*arguments, "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_hyperparameter_value_rejected(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\n')
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    assert "feedback_scale must be a positive number, got -1.0" in capsys.readouterr().err
+
+
+def test_out_is_a_file_rejected(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+
+    status = cli.main(["compare", "--rules", "bp", "--epochs", "1", "--out", str(target)])
+
+    assert status == 2
+    assert "is an existing file" in capsys.readouterr().err
