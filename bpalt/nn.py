@@ -183,30 +183,137 @@ def _conv_xla(x, w, *, stride, padding):
     )
 
 
-def _conv_patches(x, w, *, stride, padding):
-    """Convolution as patches plus one matrix product (im2col).
+def _window(x, axis: int, start: int, size: int, stride: int):
+    """``size`` entries of ``x`` along ``axis``, from ``start``, every ``stride``-th."""
+    return lax.slice_in_dim(x, start, start + (size - 1) * stride + 1, stride, axis)
 
-    Gathers the kernel-sized windows by strided slicing, concatenates them on the channel
-    axis to (batch, out_h, out_w, kh * kw * in) and multiplies by the kernel reshaped to
-    (kh * kw * in, out). On XLA:CPU this ran faster than ``lax.conv_general_dilated`` for
-    small CNNs and keeps its speed inside ``lax.scan``, where the convolution's weight
-    gradient takes a slow path.
+
+def _stack(arrays, axis: int):
+    """``jnp.stack`` by reshapes and one ``lax.concatenate``.
+
+    Under ``vmap`` (seeds) ``jnp.stack`` placed the new axis before the mapped one, and XLA
+    then transposed the whole result to feed the matrix product (13 ms against 5 ms for
+    three seeds of LeNet's first-layer weight gradient); reshapes keep the mapped axis
+    first.
     """
-    kh, kw, cin, cout = w.shape
+    return lax.concatenate([a.reshape(*a.shape[:axis], 1, *a.shape[axis:]) for a in arrays], axis)
+
+
+def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int):
+    """Kernel-sized windows, offsets last: (n, h, w, c) -> (n, out_h, out_w, kh * kw * c).
+
+    Built in two stages, the row offsets and then the column offsets, each one stack of
+    strided slices; the last axis runs over (row, column, channel) like a reshaped HWIO
+    kernel. Its transpose, the input gradient, is two stages of padded sums. On XLA:CPU,
+    for LeNet's second layer at batch 128, two stages took 0.48 ms where one concatenate of
+    kh * kw slices took 0.78 ms, and the two-stage input gradient 0.8 ms against 1.5 ms.
+    """
+    rows = _stack([_window(x, 1, i, out_h, stride) for i in range(kh)], axis=3)
+    patches = _stack([_window(rows, 2, j, out_w, stride) for j in range(kw)], axis=4)
+    return patches.reshape(*patches.shape[:3], -1)
+
+
+def _patches_offsets_first(x, kh: int, kw: int, stride: int, out_h: int, out_w: int):
+    """Kernel-sized windows, offsets first: (n, h, w, c) -> (kh * kw * c, n * out_h * out_w).
+
+    The layout in which the weight gradient ``patches @ delta`` is a plain matrix product.
+    """
+    channels = jnp.moveaxis(x, 3, 0)
+    columns = _stack([_window(channels, 3, j, out_w, stride) for j in range(kw)], axis=0)
+    patches = _stack([_window(columns, 3, i, out_h, stride) for i in range(kh)], axis=0)
+    return patches.reshape(kh * kw * x.shape[3], -1)
+
+
+def _conv_by_patches(x, w, stride: int, out_h: int, out_w: int):
+    """VALID convolution as patches (n, out_h, out_w, kh*kw*in) @ kernel (kh*kw*in, out)."""
+    kh, kw, _, cout = w.shape
+    return _patches(x, kh, kw, stride, out_h, out_w) @ w.reshape(-1, cout)
+
+
+def _conv_by_transposed_patches(x, w, stride: int, out_h: int, out_w: int):
+    """VALID convolution as (kh*kw*in, m)^T @ kernel (kh*kw*in, out), m = n * out_h * out_w.
+
+    Used for the kernel's tangent: its transpose is ``patches @ delta``, the weight gradient
+    as one matrix product without a transposed operand.
+    """
+    kh, kw, _, cout = w.shape
+    patches = _patches_offsets_first(x, kh, kw, stride, out_h, out_w)
+    y = lax.dot_general(patches, w.reshape(-1, cout), (((0,), (0,)), ((), ())))
+    return y.reshape(x.shape[0], out_h, out_w, cout)
+
+
+def _conv_by_shifts(x, w, stride: int, out_h: int, out_w: int):
+    """VALID convolution of a one-channel input as a sum of shifted copies times kernel rows.
+
+    With one input channel, a patches matrix has one column per kernel offset and its
+    product is a thin (m, kh*kw) @ (kh*kw, out): slower than ``kh * kw`` broadcast
+    multiply-adds that XLA fuses into one loop (0.3 ms against 2 to 5 ms for LeNet's first
+    layer at batch 128).
+    """
+    kh, kw, _, _ = w.shape
+    y = 0.0
+    for i in range(kh):
+        for j in range(kw):
+            shifted = _window(_window(x, 1, i, out_h, stride), 2, j, out_w, stride)
+            y = y + shifted * w[i, j].reshape(1, 1, 1, -1)
+    return y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _conv_valid(x, w, stride, out_h, out_w):
+    """VALID convolution (n, h, w, in) x (kh, kw, in, out) -> (n, out_h, out_w, out).
+
+    The forward pass and the two tangents each use the formulation that ran fastest on
+    XLA:CPU; all three compute the same bilinear map, so the derivatives are exact:
+
+    - forward: shifted copies for one input channel, patches @ kernel otherwise;
+    - kernel tangent: transposed patches, whose transpose is the weight gradient
+      ``patches @ delta``;
+    - input tangent: patches of the tangent @ kernel, whose transpose is the input
+      gradient as two stages of padded sums.
+
+    A ``custom_jvp`` rather than a ``custom_vjp`` keeps forward mode (``jax.jvp``, as the
+    NTK code uses) and higher derivatives working.
+    """
+    if w.shape[2] == 1:
+        return _conv_by_shifts(x, w, stride, out_h, out_w)
+    return _conv_by_patches(x, w, stride, out_h, out_w)
+
+
+def _conv_valid_jvp(stride, out_h, out_w, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    y = _conv_valid(x, w, stride, out_h, out_w)
+
+    parts = []
+    if type(dw) is not jax.custom_derivatives.SymbolicZero:
+        parts.append(_conv_by_transposed_patches(x, dw, stride, out_h, out_w))
+    if type(dx) is not jax.custom_derivatives.SymbolicZero:
+        parts.append(_conv_by_patches(dx, w, stride, out_h, out_w))
+    if not parts:
+        return y, jnp.zeros_like(y)
+    return y, functools.reduce(jnp.add, parts)
+
+
+_conv_valid.defjvp(_conv_valid_jvp, symbolic_zeros=True)
+
+
+def _conv_patches(x, w, *, stride, padding):
+    """Convolution as patches plus matrix products (im2col), with hand-chosen derivatives.
+
+    Pads for SAME, then runs ``_conv_valid``. On XLA:CPU a LeNet backprop step at batch
+    128 took about 0.6 of the time of a single-concatenate im2col and 0.55 to 0.6 of
+    ``lax.conv_general_dilated``'s; it uses no XLA convolution, whose weight gradient takes
+    a slow path inside ``lax.scan``.
+    """
+    kh, kw, _, _ = w.shape
     _, h, wd, _ = x.shape
     if padding == "SAME":
         pad_h, pad_w = _same_padding(h, kh, stride), _same_padding(wd, kw, stride)
         x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     out_h = conv_output_size(h, kh, stride, padding)
     out_w = conv_output_size(wd, kw, stride, padding)
-
-    windows = [
-        x[:, i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    patches = jnp.concatenate(windows, axis=-1)
-    return patches @ w.reshape(kh * kw * cin, cout)
+    return _conv_valid(x, w, stride, out_h, out_w)
 
 
 CONV_IMPLEMENTATIONS = {"patches": _conv_patches, "xla": _conv_xla}
@@ -230,9 +337,10 @@ def conv2d(
     SAME and ``floor((n - k) / stride) + 1`` for VALID.
 
     Args:
-        implementation: ``"patches"`` (im2col: strided slices and one matrix product, the
-            faster one on CPU) or ``"xla"`` (``lax.conv_general_dilated``). Both compute the
-            same function.
+        implementation: ``"patches"`` (im2col: strided slices and matrix products, with
+            the forward pass and each derivative in the form that ran fastest on CPU) or
+            ``"xla"`` (``lax.conv_general_dilated``). Both compute the same function and
+            support forward and reverse mode.
     """
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     if not isinstance(features, int) or features < 1:

@@ -1,0 +1,1269 @@
+"""Step-time benchmark of every registered rule against hand-written JAX and peer libraries.
+
+``python -m bpalt.bench`` (or ``run(Settings(...))``) measures, on the workloads of
+``bpalt.workloads``:
+
+- for every registered rule: milliseconds per training step (median and interquartile range
+  of the timed steps, after warm-up and compilation), the ratio to a hand-written jitted
+  ``jax.grad`` + optax step on the same network, compile time and XLA's peak buffer memory;
+- peers in the same process when installed: plain JAX (``lax.conv_general_dilated`` and
+  ``lax.reduce_window``), PyTorch eager backprop, BioTorch's FA and DFA, and evosax's
+  Open_ES generation at the ES rule's population; each is skipped with a stated reason
+  otherwise;
+- the machine's jitted float32 matmul rate and each backprop step's FLOP rate against it;
+- 3 seeds under ``vmap`` against one seed, and an epoch of the training loop against
+  steps x step time;
+- rules that train at batch 256 (HSIC, Greedy InfoMax) against backprop at that batch, and
+  the empirical NTK of the W1 network.
+
+Every step function of one workload is timed in the same process, in rounds that take
+turns (round-robin), so that a change of machine load hits all of them alike and the ratios
+stay meaningful on a busy machine. The load average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from bpalt import losses, nn, rules, train, workloads
+from bpalt.workloads import Workload
+
+NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
+PACKAGES = ("jax", "jaxlib", "optax", "numpy", "torch", "biotorch", "evosax")
+LEARNING_RATE = 1e-3
+BACKPROP_STEPS = ("jax.grad + optax", "bp", "plain JAX (lax.conv)", "PyTorch eager")
+"""Rows (or row prefixes) that compute the exact loss gradient; their FLOP rate is reported."""
+TORCH_PEERS = ("PyTorch eager", "BioTorch fa", "BioTorch dfa")
+LOCAL_RULES = ("hsic", "gim")
+"""Rules also measured at ``Settings.local_batch``, their usual batch size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to measure and how long.
+
+    Attributes:
+        workloads: names from ``bpalt.workloads.WORKLOADS``.
+        rules: rule names; ``None`` measures every registered rule.
+        steps: timed steps per step function (at least 30 for the committed figures).
+        rounds: the timed steps are split into this many rounds, taking turns with the
+            other step functions of the same workload.
+        warmup: untimed steps after compilation, and one more at the start of each round.
+        batch_size: overrides every workload's batch size (tests use a tiny one).
+        data_dir: directory with MNIST's t10k IDX files for W2; random data without it.
+        peers: measure PyTorch, BioTorch and evosax when installed.
+        seeds: seeds of the ``vmap`` measurement, against one seed.
+        seed_rules: rules of the seeds measurement; ``None`` measures all.
+        epoch_rules: rules of the training-loop measurement (the loop does not depend on
+            the rule; ``bp`` by default).
+        seeds_budget_s: seconds the seeds measurement of one rule may take; a rule with
+            slow steps (ES on W2) gets fewer than ``steps`` timed steps, at least 5.
+        es_population: population of the ES rule and of evosax's Open_ES.
+        local_batch: batch size of the ``LOCAL_RULES`` measurement (0 skips it).
+        ntk_examples: inputs of the empirical NTK (0 skips it).
+        matmul_size: side of the float32 matmul that gives the machine's FLOP rate.
+        epochs: timed epochs of the training-loop measurement (0 skips it).
+        epoch_steps: caps the steps of those epochs (None: the whole training set).
+    """
+
+    workloads: tuple[str, ...] = ("W1", "W2")
+    rules: tuple[str, ...] | None = None
+    steps: int = 30
+    rounds: int = 10
+    warmup: int = 3
+    batch_size: int | None = None
+    data_dir: str | None = None
+    peers: bool = True
+    seeds: int = 3
+    seed_rules: tuple[str, ...] | None = None
+    epoch_rules: tuple[str, ...] = ("bp",)
+    seeds_budget_s: float = 30.0
+    es_population: int = 256
+    local_batch: int = 256
+    ntk_examples: int = 64
+    matmul_size: int = 2048
+    epochs: int = 2
+    epoch_steps: int | None = None
+
+
+# --- Timing ---------------------------------------------------------------------------------
+
+
+class Stepper:
+    """One step function with its state: ``step()`` runs one step and waits for it.
+
+    Attributes:
+        name: the row name.
+        step: ``() -> None``; runs one step, updates the state, returns when it is done.
+        compile_s: seconds to trace, lower and compile (None where not measured).
+        memory_bytes: XLA's buffer memory of the step: arguments + outputs + temporaries
+            (None where not measured).
+        flops: FLOPs of one step (None where not counted).
+    """
+
+    def __init__(self, name, step, compile_s=None, memory_bytes=None, flops=None):
+        self.name = name
+        self.step = step
+        self.compile_s = compile_s
+        self.memory_bytes = memory_bytes
+        self.flops = flops
+
+
+def summarize_times(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, minimum and maximum of step times, in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {
+        "median_ms": float(np.median(ms)),
+        "p25_ms": float(np.percentile(ms, 25)),
+        "p75_ms": float(np.percentile(ms, 75)),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "steps": int(ms.size),
+    }
+
+
+def time_round_robin(
+    steppers: Sequence[Stepper], steps: int, rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Time ``steps`` steps of every stepper, in ``rounds`` turns each.
+
+    Each stepper first runs ``warmup`` untimed steps. In every round each stepper runs one
+    untimed step (so a switch of function does not charge the next one for cold caches),
+    then its share of the timed steps, each waited for. The order rotates from round to
+    round, so that no stepper always follows the same neighbour.
+
+    Returns:
+        ``{name: [seconds per timed step]}``.
+    """
+    for stepper in steppers:
+        for _ in range(warmup):
+            stepper.step()
+
+    rounds = max(1, min(rounds, steps))
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    samples: dict[str, list[float]] = {s.name: [] for s in steppers}
+    for round_index, count in enumerate(per_round):
+        shift = round_index % len(steppers)
+        for stepper in [*steppers[shift:], *steppers[:shift]]:
+            stepper.step()
+            for _ in range(count):
+                start = time.perf_counter()
+                stepper.step()
+                samples[stepper.name].append(time.perf_counter() - start)
+    return samples
+
+
+def compile_jax(fn: Callable, *args) -> tuple[Callable, float, int | None]:
+    """Trace, lower and compile ``fn`` for ``args``.
+
+    Returns:
+        ``(compiled, seconds, memory_bytes)``; the memory is XLA's arguments + outputs +
+        temporaries - aliased bytes, or None where the backend does not report it.
+    """
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    try:
+        stats = compiled.memory_analysis()
+        memory = (
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes
+        )
+    except (AttributeError, NotImplementedError, RuntimeError):
+        memory = None
+    return compiled, seconds, memory
+
+
+def train_stepper(name: str, step_fn: Callable, carry: tuple, batch, key, flops=None) -> Stepper:
+    """A ``Stepper`` for ``step_fn(*carry, batch, key) -> (*carry, metrics)``."""
+    compiled, seconds, memory = compile_jax(step_fn, *carry, batch, key)
+    state = {"carry": carry}
+
+    def step():
+        outputs = compiled(*state["carry"], batch, key)
+        state["carry"] = outputs[:-1]
+        jax.block_until_ready(outputs)
+
+    return Stepper(name, step, seconds, memory, flops)
+
+
+# --- The hand-written reference and the rules -------------------------------------------
+
+
+def reference_train_step(network: nn.Network, optimizer: optax.GradientTransformation):
+    """The hand-written jitted ``jax.grad`` + optax step on ``network``.
+
+    Same signature as ``train.make_train_step``:
+    ``(params, unused_state, opt_state, batch, key) -> (params, unused_state, opt_state,
+    metrics)``.
+    """
+
+    def loss_fn(params, x, y):
+        return losses.softmax_cross_entropy(network.apply(params, x), y)
+
+    def step(params, unused_state, opt_state, batch, key):
+        del key
+        x, y = batch
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), unused_state, opt_state, {"loss": loss}
+
+    return jax.jit(step)
+
+
+def forward_flops(network: nn.Network, params, x) -> float | None:
+    """XLA's FLOP count of one forward pass of ``network`` on ``x``, or None."""
+    try:
+        analysis = jax.jit(network.apply).lower(params, x).compile().cost_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def backprop_flops(network: nn.Network, params, x) -> float | None:
+    """FLOPs of a backprop step: 3 x the forward pass (forward, input and weight gradients)."""
+    forward = forward_flops(network, params, x)
+    return None if forward is None else 3.0 * forward
+
+
+def rule_kwargs(name: str, settings: Settings) -> dict[str, Any]:
+    """Hyperparameters the benchmark sets: the ES population, where the rule has one."""
+    if "population" in rules.hyperparameters(name):
+        return {"population": settings.es_population}
+    return {}
+
+
+def rule_stepper(name: str, network: nn.Network, params, batch, settings: Settings):
+    """A ``Stepper`` of ``train.make_train_step`` for registered rule ``name`` at ``params``."""
+    rule = rules.get(name, network, **rule_kwargs(name, settings))
+    optimizer = optax.adam(LEARNING_RATE)
+    rule_key, step_key = jax.random.split(jax.random.key(1))
+    carry = (params, rule.init(rule_key, params), optimizer.init(params))
+    step_fn = train.make_train_step(rule, optimizer)
+    return train_stepper(name, step_fn, carry, batch, step_key)
+
+
+def reference_stepper(network: nn.Network, params, batch, label="jax.grad + optax") -> Stepper:
+    """A ``Stepper`` of the hand-written reference step, with its FLOP count."""
+    optimizer = optax.adam(LEARNING_RATE)
+    carry = (params, (), optimizer.init(params))
+    flops = backprop_flops(network, params, batch[0])
+    step_fn = reference_train_step(network, optimizer)
+    return train_stepper(label, step_fn, carry, batch, jax.random.key(1), flops)
+
+
+# --- Plain JAX, the model a researcher writes without bpalt ----------------------------------
+
+
+def he_normal(rng: np.random.Generator, shape: Sequence[int]) -> jax.Array:
+    """He-normal float32 weights drawn with NumPy: std sqrt(2 / fan_in), fan_in = all but
+    the last axis. NumPy avoids compiling ``jax.random`` for every shape."""
+    scale = math.sqrt(2.0 / math.prod(shape[:-1]))
+    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+
+def draw_params(network: nn.Network, seed: int = 0):
+    """Params of ``network``'s structure: He-normal weights, zero biases (NumPy-drawn)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(network.init, jax.random.key(0))
+    return jax.tree.map(
+        lambda leaf: he_normal(rng, leaf.shape) if len(leaf.shape) > 1
+        else jnp.zeros(leaf.shape, leaf.dtype),
+        shapes,
+    )
+
+
+def plain_jax_model(layers: Sequence[tuple], input_shape: Sequence[int]):
+    """``(init(seed) -> params, apply(params, x) -> logits)`` with ``lax`` primitives.
+
+    Convolutions use ``lax.conv_general_dilated`` (NHWC, HWIO) and max-pooling
+    ``lax.reduce_window``: the model written without bpalt, as in the JAX tutorials.
+    ``layers`` is a workload's layer list (see ``bpalt.workloads.Workload.layers``).
+    """
+    shapes, shape = [], tuple(input_shape)
+    for layer in layers:
+        if layer[0] == "conv":
+            _, features, kernel, padding = layer
+            shapes.append((kernel, kernel, shape[-1], features))
+            size = [nn.conv_output_size(n, kernel, 1, padding) for n in shape[:2]]
+            shape = (*size, features)
+        elif layer[0] == "pool":
+            shape = (shape[0] // layer[1], shape[1] // layer[1], shape[2])
+        elif layer[0] == "flatten":
+            shape = (math.prod(shape),)
+        elif layer[0] == "dense":
+            shapes.append((shape[0], layer[1]))
+            shape = (layer[1],)
+
+    def init(seed):
+        rng = np.random.default_rng(seed)
+        return [(he_normal(rng, shape), jnp.zeros(shape[-1], jnp.float32)) for shape in shapes]
+
+    def apply(params, x):
+        index = 0
+        for layer in layers:
+            if layer[0] in ("conv", "dense"):
+                w, b = params[index]
+                index += 1
+                if layer[0] == "conv":
+                    x = lax.conv_general_dilated(
+                        x, w, (1, 1), layer[3], dimension_numbers=("NHWC", "HWIO", "NHWC")
+                    )
+                else:
+                    x = x @ w
+                x = x + b.reshape((1,) * (x.ndim - 1) + (-1,))
+            elif layer[0] == "relu":
+                x = jax.nn.relu(x)
+            elif layer[0] == "pool":
+                window = (1, layer[1], layer[1], 1)
+                x = lax.reduce_window(x, -jnp.inf, lax.max, window, window, "VALID")
+            elif layer[0] == "flatten":
+                x = x.reshape(x.shape[0], -1)
+        return x
+
+    return init, apply
+
+
+def plain_jax_stepper(workload: Workload, input_shape, batch) -> Stepper:
+    """Backprop with ``plain_jax_model``: ``jit(value_and_grad)`` + optax Adam."""
+    init, apply = plain_jax_model(workload.layers, input_shape)
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def loss_fn(params, x, y):
+        return losses.softmax_cross_entropy(apply(params, x), y)
+
+    def step(params, unused_state, opt_state, batch, key):
+        del key
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), unused_state, opt_state, {"loss": loss}
+
+    params = init(0)
+    carry = (params, (), optimizer.init(params))
+    return train_stepper("plain JAX (lax.conv)", jax.jit(step), carry, batch, jax.random.key(1))
+
+
+# --- Peers: PyTorch, BioTorch, evosax -------------------------------------------------------
+
+
+def _import(name: str):
+    """``(module, None)`` or ``(None, reason)`` when ``name`` is not importable."""
+    try:
+        return importlib.import_module(name), None
+    except ImportError as error:
+        return None, f"{name} is not installed ({error}); install the `bench` extra"
+
+
+def torch_model(torch, layers: Sequence[tuple], input_shape: Sequence[int]):
+    """The workload's layers as a ``torch.nn.Sequential`` (NCHW, as PyTorch expects)."""
+    modules, channels, shape = [], input_shape[-1], tuple(input_shape)
+    for layer in layers:
+        if layer[0] == "conv":
+            _, features, kernel, padding = layer
+            pad = kernel // 2 if padding == "SAME" else 0
+            modules.append(torch.nn.Conv2d(channels, features, kernel, padding=pad))
+            size = [nn.conv_output_size(n, kernel, 1, padding) for n in shape[:2]]
+            channels, shape = features, (*size, features)
+        elif layer[0] == "relu":
+            modules.append(torch.nn.ReLU())
+        elif layer[0] == "pool":
+            modules.append(torch.nn.MaxPool2d(layer[1]))
+            shape = (shape[0] // layer[1], shape[1] // layer[1], shape[2])
+        elif layer[0] == "flatten":
+            modules.append(torch.nn.Flatten())
+            channels = math.prod(shape)
+        elif layer[0] == "dense":
+            modules.append(torch.nn.Linear(channels, layer[1]))
+            channels = layer[1]
+    return torch.nn.Sequential(*modules)
+
+
+def torch_stepper(name: str, torch, model, batch, threads: int, dfa=False) -> Stepper:
+    """A PyTorch eager training step (cross-entropy, Adam) of ``model`` on ``batch``.
+
+    Each step runs with ``threads`` intra-op threads. BioTorch's DFA module takes the labels
+    and the loss in its forward pass; its layers' FutureWarning about non-full backward
+    hooks is silenced.
+    """
+    x = torch.from_numpy(np.asarray(batch[0]).transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(np.asarray(batch[1]).astype(np.int64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        torch.set_num_threads(threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            optimizer.zero_grad()
+            logits = model(x, y, loss_fn) if dfa else model(x)
+            loss_fn(logits, y).backward()
+            optimizer.step()
+
+    return Stepper(name, step)
+
+
+def torch_threads() -> tuple[int, ...]:
+    """Thread counts PyTorch is measured with: all cores, and one.
+
+    On a busy machine PyTorch's OpenMP threads wait for each other (one LeNet step took
+    400 ms with 2 threads at load average 4 on 2 cores, 14 ms at best), so the peer is
+    also timed with one thread and compared at its faster setting.
+    """
+    return tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
+
+
+def torch_peers(workload: Workload, input_shape, batch) -> tuple[list[Stepper], dict]:
+    """PyTorch eager backprop and BioTorch FA and DFA, or the reasons they are skipped.
+
+    Each is timed with every count of ``torch_threads``; rows are named
+    ``"<peer> (<n> threads)"``.
+    """
+    torch, reason = _import("torch")
+    if torch is None:
+        return [], {name: reason for name in TORCH_PEERS}
+    biomodule, bio_reason = _import("biotorch.module.biomodule")
+    steppers, skipped = [], {}
+    for name in TORCH_PEERS:
+        if name != "PyTorch eager" and biomodule is None:
+            skipped[name] = bio_reason
+            continue
+        mode = name.split()[-1]
+        for threads in torch_threads():
+            torch.manual_seed(0)
+            model = torch_model(torch, workload.layers, input_shape)
+            if name != "PyTorch eager":
+                with contextlib.redirect_stdout(io.StringIO()):
+                    model = biomodule.BioModule(
+                        model, mode=mode, output_dim=10 if mode == "dfa" else None
+                    )
+            label = f"{name} ({threads} thread{'s' if threads > 1 else ''})"
+            steppers.append(
+                torch_stepper(label, torch, model, batch, threads, dfa=mode == "dfa")
+            )
+    return steppers, skipped
+
+
+def evosax_stepper(workload: Workload, input_shape, batch, population: int):
+    """One evosax Open_ES generation of the plain JAX model: ask, evaluate, tell.
+
+    The population is evaluated with one ``vmap``, as evosax's examples do, with the same
+    population, antithetic sampling, centred-rank shaping and Adam as the ES rule.
+
+    Returns:
+        ``(stepper, None)`` or ``(None, reason)``.
+    """
+    evosax, reason = _import("evosax.algorithms")
+    if evosax is None:
+        return None, reason
+    init, apply = plain_jax_model(workload.layers, input_shape)
+    params = init(0)
+    strategy = evosax.Open_ES(
+        population_size=population,
+        solution=params,
+        optimizer=optax.adam(LEARNING_RATE),
+        std_schedule=optax.constant_schedule(0.02),
+    )
+    es_params = strategy.default_params
+    x, y = batch
+
+    def generation(state, key):
+        ask_key, tell_key = jax.random.split(key)
+        members, state = strategy.ask(ask_key, state, es_params)
+        fitness = jax.vmap(lambda p: losses.softmax_cross_entropy(apply(p, x), y))(members)
+        state, _ = strategy.tell(tell_key, members, fitness, state, es_params)
+        return state
+
+    state = strategy.init(jax.random.key(1), params, es_params)
+    key = jax.random.key(2)
+    compiled, seconds, memory = compile_jax(generation, state, key)
+    holder = {"state": state}
+
+    def step():
+        holder["state"] = compiled(holder["state"], key)
+        jax.block_until_ready(holder["state"])
+
+    return Stepper(f"evosax Open_ES (population {population})", step, seconds, memory), None
+
+
+# --- Machine rate -----------------------------------------------------------------------------
+
+
+MATMUL = "float32 matmul (machine rate)"
+
+
+def matmul_stepper(size: int) -> Stepper:
+    """The jitted float32 ``size x size`` matmul, whose FLOP rate is the machine's."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((size, size)), jnp.float32) for _ in range(2))
+    compiled, seconds, memory = compile_jax(jnp.matmul, a, b)
+
+    def step():
+        jax.block_until_ready(compiled(a, b))
+
+    return Stepper(MATMUL, step, seconds, memory, 2.0 * size**3)
+
+
+def matmul_rate(size: int, repeats: int = 30) -> dict[str, float]:
+    """The matmul of ``matmul_stepper`` on its own: median ms and GFLOP/s."""
+    stepper = matmul_stepper(size)
+    median = float(np.median(time_round_robin([stepper], repeats, 1, 1)[MATMUL]))
+    return {"size": size, "median_ms": median * 1e3, "gflops": stepper.flops / median / 1e9}
+
+
+# --- One workload -------------------------------------------------------------------------------
+
+
+def _rule_names(settings: Settings) -> tuple[str, ...]:
+    registered = rules.names()
+    if settings.rules is None:
+        return registered
+    unknown = [name for name in settings.rules if name not in registered]
+    if unknown:
+        raise ValueError(f"unknown rule(s) {unknown}; registered: {', '.join(registered)}")
+    return tuple(settings.rules)
+
+
+def _failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+def _row(stepper: Stepper, samples, kind: str) -> dict[str, Any]:
+    row = {"name": stepper.name, "kind": kind, **summarize_times(samples)}
+    row["compile_s"] = stepper.compile_s
+    row["memory_mib"] = None if stepper.memory_bytes is None else stepper.memory_bytes / 2**20
+    row["flops"] = stepper.flops
+    return row
+
+
+def _ratio(samples, reference) -> float:
+    return float(np.median(samples) / np.median(reference))
+
+
+def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, Any]:
+    """Every rule, the reference and the peers on one workload, timed round-robin."""
+    network = workload.build()
+    params = draw_params(network)
+    reference = reference_stepper(network, params, batch)
+    steppers, kinds, skipped = [reference], {reference.name: "reference"}, {}
+
+    for name in _rule_names(settings):
+        log(f"  {workload.name}: compiling rule {name}")
+        try:
+            stepper = rule_stepper(name, network, params, batch, settings)
+        except Exception as error:  # noqa: BLE001 - a broken rule is reported, not fatal
+            skipped[name] = _failure(error)
+            continue
+        steppers.append(stepper)
+        kinds[name] = "rule"
+
+    steppers.append(plain_jax_stepper(workload, network.input_shape, batch))
+    kinds[steppers[-1].name] = "peer"
+    if settings.peers:
+        peers, peer_skips = torch_peers(workload, network.input_shape, batch)
+        steppers += peers
+        kinds.update({p.name: "peer" for p in peers})
+        skipped.update(peer_skips)
+        if "es" in kinds and workload.name == "W1":
+            stepper, reason = evosax_stepper(
+                workload, network.input_shape, batch, settings.es_population
+            )
+            if stepper is None:
+                skipped["evosax Open_ES"] = reason
+            else:
+                steppers.append(stepper)
+                kinds[stepper.name] = "peer"
+    else:
+        skipped["peers"] = "not measured (--no-peers)"
+
+    for stepper in steppers:
+        if stepper.name.startswith(BACKPROP_STEPS):
+            stepper.flops = reference.flops
+    steppers.append(matmul_stepper(settings.matmul_size))
+    kinds[MATMUL] = "machine"
+    log(f"  {workload.name}: timing {len(steppers)} step functions")
+    samples = time_round_robin(steppers, settings.steps, settings.rounds, settings.warmup)
+    rows = []
+    for stepper in steppers:
+        row = _row(stepper, samples[stepper.name], kinds[stepper.name])
+        row["ratio_to_reference"] = _ratio(samples[stepper.name], samples[reference.name])
+        rows.append(row)
+    return {"rows": rows, "skipped": skipped}
+
+
+def seeds_and_epoch(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
+    """Seeds under ``vmap`` against one seed, and an epoch against steps x step time."""
+    network = workload.build()
+    batch_size = settings.batch_size or workload.batch_size
+    seed_rules = settings.seed_rules if settings.seed_rules is not None else _rule_names(settings)
+    epoch_rules = settings.epoch_rules if settings.epochs > 0 else ()
+    results = {"seeds": [], "epochs": [], "skipped": {}}
+    for name in dict.fromkeys((*seed_rules, *epoch_rules)):
+        log(f"  {workload.name}: seeds and epoch of rule {name}")
+        try:
+            rule = rules.get(name, network, **rule_kwargs(name, settings))
+            optimizer = optax.adam(LEARNING_RATE)
+            state = train.init_seeds(rule, network, optimizer, range(settings.seeds))
+            first = train.select_seeds(state, np.arange(settings.seeds) == 0)
+            many = SeedsRun(rule, optimizer, state, x, y, batch_size)
+            if name in seed_rules:
+                one = SeedsRun(rule, optimizer, first, x, y, batch_size)
+                results["seeds"].append(_seeds_row(name, one, many, settings))
+            if name in epoch_rules:
+                results["epochs"].append(_epoch_row(name, many, settings))
+        except Exception as error:  # noqa: BLE001 - a broken rule is reported, not fatal
+            results["skipped"][name] = _failure(error)
+    return results
+
+
+class SeedsRun:
+    """Several seeds of one rule trained with ``train.make_seeds_step``, as ``compare`` does.
+
+    Attributes:
+        seeds_step: the jitted ``(state, x, y, indices) -> (state, metrics)``.
+        state: the stacked ``TrainState``, one entry per seed.
+        stepper: a ``Stepper`` of one step on a fixed batch; its ``compile_s`` is the first
+            call's time.
+    """
+
+    def __init__(self, rule, optimizer, state, x, y, batch_size: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.seeds_step = train.make_seeds_step(rule, optimizer)
+        self.state = state
+        seeds = jax.tree.leaves(state.step)[0].shape[0]
+        indices = jnp.tile(jnp.arange(batch_size) % x.shape[0], (seeds, 1))
+
+        def step():
+            self.state, metrics = self.seeds_step(self.state, x, y, indices)
+            jax.block_until_ready((self.state, metrics))
+
+        start = time.perf_counter()
+        step()
+        self.stepper = Stepper(f"{seeds} seeds", step, time.perf_counter() - start)
+
+    def epoch(self, index: int, max_steps: int | None) -> tuple[float, int]:
+        """Train one epoch with ``train.run_epoch``: (seconds, steps)."""
+        x, y = self.x, self.y
+        if max_steps is not None:
+            x, y = x[: max_steps * self.batch_size], y[: max_steps * self.batch_size]
+        start = time.perf_counter()
+        self.state, means = train.run_epoch(
+            self.seeds_step, self.state, x, y, index, self.batch_size
+        )
+        jax.block_until_ready((self.state, means))
+        return time.perf_counter() - start, x.shape[0] // self.batch_size
+
+
+def _seeds_row(name, one: SeedsRun, many: SeedsRun, settings) -> dict[str, Any]:
+    """One seed against ``settings.seeds`` seeds, alternating; slow rules take fewer steps.
+
+    The number of timed steps is ``settings.steps``, or as many as fit in
+    ``settings.seeds_budget_s`` seconds (at least 5) for a rule whose steps are slow.
+    """
+    steppers = [one.stepper, many.stepper]
+    start = time.perf_counter()
+    one.stepper.step()
+    many.stepper.step()
+    pair_seconds = time.perf_counter() - start
+    steps = min(settings.steps, max(5, int(settings.seeds_budget_s / pair_seconds)))
+    samples = time_round_robin(steppers, steps, settings.rounds, settings.warmup)
+    return {
+        "rule": name,
+        "seeds": settings.seeds,
+        "one_seed": summarize_times(samples[one.stepper.name]),
+        "many_seeds": summarize_times(samples[many.stepper.name]),
+        "ratio": _ratio(samples[many.stepper.name], samples[one.stepper.name]),
+    }
+
+
+def _epoch_row(name, run: SeedsRun, settings) -> dict[str, Any]:
+    """Epochs of ``train.run_epoch`` against steps x the median step time, alternating."""
+    run.epoch(0, settings.epoch_steps)
+    epoch_seconds, step_samples = [], []
+    for index in range(settings.epochs):
+        seconds, steps = run.epoch(index + 1, settings.epoch_steps)
+        epoch_seconds.append(seconds)
+        samples = time_round_robin([run.stepper], steps, 1, 1)
+        step_samples += samples[run.stepper.name]
+    step_ms = float(np.median(step_samples)) * 1e3
+    epoch_ms = float(np.median(epoch_seconds)) * 1e3
+    return {
+        "rule": name,
+        "seeds": settings.seeds,
+        "steps_per_epoch": steps,
+        "epoch_ms": epoch_ms,
+        "step_ms": step_ms,
+        "ratio": epoch_ms / (steps * step_ms),
+    }
+
+
+# --- Rules at batch 256 and the empirical NTK ----------------------------------------------------
+
+
+def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
+    """``LOCAL_RULES`` that are registered, against backprop, at ``settings.local_batch``."""
+    present = [name for name in LOCAL_RULES if name in rules.names()]
+    result = {"batch_size": settings.local_batch, "rows": []}
+    if settings.local_batch <= 0:
+        return {**result, "skipped": {"all": "not measured (local_batch 0)"}}
+    if not present:
+        return {**result, "skipped": {name: "not registered" for name in LOCAL_RULES}}
+    network = workload.build()
+    params = draw_params(network)
+    batch = workloads.first_batch(x, y, settings.local_batch)
+    steppers, skipped = [], {}
+    for name in ("bp", *present):
+        log(f"  {workload.name}: rule {name} at batch {settings.local_batch}")
+        try:
+            steppers.append(rule_stepper(name, network, params, batch, settings))
+        except Exception as error:  # noqa: BLE001 - a broken rule is reported, not fatal
+            skipped[name] = _failure(error)
+    samples = time_round_robin(steppers, settings.steps, settings.rounds, settings.warmup)
+    reference = samples.get("bp")
+    rows = []
+    for stepper in steppers:
+        row = _row(stepper, samples[stepper.name], "rule")
+        row["ratio_to_bp"] = None if reference is None else _ratio(samples[stepper.name], reference)
+        rows.append(row)
+    for name in LOCAL_RULES:
+        if name not in present:
+            skipped[name] = "not registered"
+    return {"batch_size": settings.local_batch, "rows": rows, "skipped": skipped}
+
+
+def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
+    """``bpalt.ntk.empirical_ntk`` of ``n x n`` inputs, for each of its methods."""
+    if settings.ntk_examples <= 0:
+        return {"rows": [], "skipped": "not measured (ntk_examples 0)"}
+    ntk, reason = _import("bpalt.ntk")
+    if ntk is None or not hasattr(ntk, "empirical_ntk"):
+        return {"rows": [], "skipped": reason or "bpalt.ntk has no empirical_ntk"}
+    network = workload.build()
+    params = draw_params(network)
+    inputs = workloads.first_batch(x, x, settings.ntk_examples)[0]
+    rows = []
+    for method in getattr(ntk, "NTK_METHODS", (None,)):
+        log(f"  {workload.name}: empirical NTK, method {method}")
+        kwargs = {} if method is None else {"method": method}
+
+        def kernel(kwargs=kwargs):
+            jax.block_until_ready(ntk.empirical_ntk(network, params, inputs, **kwargs))
+
+        start = time.perf_counter()
+        kernel()
+        compile_s = time.perf_counter() - start
+        stepper = Stepper(f"empirical_ntk ({method or 'default'})", kernel, compile_s)
+        samples = time_round_robin([stepper], settings.steps, 1, settings.warmup)
+        rows.append({**_row(stepper, samples[stepper.name], "ntk"), "method": method})
+    return {"examples": settings.ntk_examples, "rows": rows}
+
+
+# --- The whole run ------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, machine, XLA flags and load average."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return {
+        "machine": (
+            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"{platform.processor() or 'unknown processor'}, Python "
+            f"{platform.python_version()}, JAX devices: {len(jax.devices())} x {devices}"
+        ),
+        "versions": versions,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "conv_default": nn.conv2d.__kwdefaults__.get("implementation"),
+    }
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the system has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def run(settings: Settings, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Run every measurement of ``settings``; return the results as a JSON-ready dict."""
+    results: dict[str, Any] = {
+        "settings": dataclasses.asdict(settings),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": load_average(),
+        "environment": environment(),
+        "rules": list(_rule_names(settings)),
+    }
+    log("matmul rate")
+    results["matmul"] = matmul_rate(settings.matmul_size)
+    results["workloads"] = {}
+    for name in settings.workloads:
+        results["workloads"][name] = run_workload(workloads.get(name), settings, log)
+    results["load_average_end"] = load_average()
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
+    """All measurements of one workload."""
+    x, y, source = workloads.training_data(workload, settings.data_dir)
+    batch_size = settings.batch_size or workload.batch_size
+    batch = workloads.first_batch(x, y, batch_size)
+    log(f"{workload.name}: {source}")
+    entry: dict[str, Any] = {
+        "description": workload.description,
+        "batch_size": batch_size,
+        "data": source,
+        "load_average_start": load_average(),
+    }
+    entry["steps"] = step_times(workload, settings, batch, log)
+    entry.update(seeds_and_epoch(workload, settings, x, y, log))
+    if workload.name == "W1":
+        entry["local_rules"] = local_rules(workload, settings, x, y, log)
+        entry["ntk"] = ntk_times(workload, settings, x, log)
+    entry["load_average_end"] = load_average()
+    return entry
+
+
+# --- Targets ------------------------------------------------------------------------------------
+
+
+def _find(rows, name):
+    """The row called ``name``; for a peer timed at several thread counts, the fastest."""
+    matches = [row for row in rows if row["name"] == name or row["name"].startswith(name + " (")]
+    return min(matches, key=lambda row: row["median_ms"]) if matches else None
+
+
+def _target(name, measured, limit, unit, *, at_least=False, note=""):
+    """One target: ``measured <= limit`` (or ``>=`` with ``at_least``); None if unmeasured."""
+    met = None
+    if measured is not None:
+        met = bool(measured >= limit) if at_least else bool(measured <= limit)
+    return {"target": name, "measured": measured, "limit": limit, "unit": unit,
+            "at_least": at_least, "met": met, "note": note}
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """Each target of the issue: the measured value, its limit and whether it is met."""
+    targets = []
+    for name, entry in results["workloads"].items():
+        rows = entry["steps"]["rows"]
+        targets += _step_targets(name, rows, entry["steps"]["skipped"], results["matmul"])
+        for row in entry.get("seeds", []):
+            if row["rule"] == "bp":
+                targets.append(
+                    _target(f"{name}: {row['seeds']} seeds under vmap / 1 seed (bp)",
+                            row["ratio"], 1.6, "x")
+                )
+        local = entry.get("local_rules")
+        if local:
+            targets += _local_targets(local)
+        ntk = entry.get("ntk")
+        if ntk and ntk.get("rows"):
+            best = min(ntk["rows"], key=lambda row: row["median_ms"])
+            targets.append(
+                _target(f"{name}: empirical NTK, {ntk['examples']} x {ntk['examples']} inputs",
+                        best["median_ms"], 30.0, "ms", note=best["name"])
+            )
+    return targets
+
+
+def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
+    targets = []
+    bp, torch_row = _find(rows, "bp"), _find(rows, "PyTorch eager")
+    if bp is None:
+        return targets
+    targets.append(_target(f"{workload}: bp / hand-written JAX step", bp["ratio_to_reference"],
+                           1.05, "x"))
+    if torch_row is not None:
+        targets.append(_target(f"{workload}: bp / PyTorch eager", bp["median_ms"] /
+                               torch_row["median_ms"], 1.0, "x", note=torch_row["name"]))
+    else:
+        targets.append(_target(f"{workload}: bp / PyTorch eager", None, 1.0, "x",
+                               note=skipped.get("PyTorch eager", "not measured")))
+    if workload == "W2":
+        targets.append(_target("W2: bp step", bp["median_ms"], 4.7, "ms"))
+    for rule, limit in (("fa", 1.15), ("dfa", 1.10)):
+        row = _find(rows, rule)
+        if row is None:
+            continue
+        targets.append(_target(f"{workload}: {rule} / bp", row["median_ms"] / bp["median_ms"],
+                               limit, "x"))
+        peer = _find(rows, f"BioTorch {rule}")
+        targets.append(_target(
+            f"{workload}: {rule} / BioTorch {rule}",
+            None if peer is None else row["median_ms"] / peer["median_ms"],
+            1.0, "x",
+            note=peer["name"] if peer else skipped.get(f"BioTorch {rule}", "not measured"),
+        ))
+    es, evosax = _find(rows, "es"), next((r for r in rows if r["name"].startswith("evosax")), None)
+    if es is not None and workload == "W1":
+        targets.append(_target(
+            "W1: es generation / evosax Open_ES",
+            None if evosax is None else es["median_ms"] / evosax["median_ms"],
+            0.6, "x",
+            note="" if evosax is not None else skipped.get("evosax Open_ES", "not measured"),
+        ))
+    machine = gflops(_find(rows, MATMUL) or {}) or matmul.get("gflops")
+    if bp.get("flops") and machine:
+        fraction = gflops(bp) / machine
+        if workload == "W2":
+            targets.append(_target("W2 (stretch): bp FLOP rate / matmul rate", fraction, 0.30,
+                                   "fraction", at_least=True))
+    return targets
+
+
+def _local_targets(local) -> list[dict]:
+    targets = []
+    for row in local["rows"]:
+        if row["name"] in LOCAL_RULES:
+            targets.append(_target(f"W1: {row['name']} / bp at batch {local['batch_size']}",
+                                   row["ratio_to_bp"], 2.0, "x"))
+    for name, reason in local.get("skipped", {}).items():
+        if name in LOCAL_RULES:
+            targets.append(_target(f"W1: {name} / bp at batch {local['batch_size']}", None, 2.0,
+                                   "x", note=reason))
+    return targets
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def _ms(value) -> str:
+    return "" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _target_lines(targets) -> list[str]:
+    rows = []
+    for t in targets:
+        measured = t["measured"]
+        relation = ">=" if t["at_least"] else "<="
+        if t["unit"] == "fraction":
+            shown = "" if measured is None else f"{measured:.1%}"
+            limit = f"{relation} {t['limit']:.0%}"
+        else:
+            shown = "" if measured is None else f"{measured:.2f} {t['unit']}"
+            limit = f"{relation} {t['limit']:g} {t['unit']}"
+        verdict = {True: "met", False: "not met", None: "not measured"}[t["met"]]
+        rows.append((t["target"], shown, limit, verdict, t["note"]))
+    return _table(("target", "measured", "limit", "verdict", "note"), rows)
+
+
+def _step_lines(entry) -> list[str]:
+    rows = []
+    for row in entry["steps"]["rows"]:
+        memory = row["memory_mib"]
+        rows.append((
+            row["name"], row["kind"], _ms(row["median_ms"]),
+            f"{_ms(row['p25_ms'])}-{_ms(row['p75_ms'])}", f"{row['ratio_to_reference']:.2f}",
+            "" if row["compile_s"] is None else f"{row['compile_s']:.2f}",
+            "" if memory is None else f"{memory:.1f}",
+        ))
+    lines = _table(("step", "kind", "ms median", "ms p25-p75", "ratio to jax.grad + optax",
+                    "compile s", "XLA memory MiB"), rows)
+    for name, reason in entry["steps"]["skipped"].items():
+        lines.append(f"- {name}: skipped, {reason}")
+    return lines + ([""] if entry["steps"]["skipped"] else [])
+
+
+def gflops(row) -> float | None:
+    """A row's achieved GFLOP/s from its FLOP count and median time, or None."""
+    return None if not row.get("flops") else row["flops"] / (row["median_ms"] * 1e-3) / 1e9
+
+
+def _flop_lines(results) -> list[str]:
+    """Each backprop row's FLOP rate against the matmul timed in the same rounds."""
+    rows = []
+    for name, entry in results["workloads"].items():
+        machine = gflops(_find(entry["steps"]["rows"], MATMUL) or {}) or results["matmul"]["gflops"]
+        for row in entry["steps"]["rows"]:
+            if row["flops"]:
+                achieved = gflops(row)
+                rows.append((name, row["name"], f"{row['flops'] / 1e6:.1f}",
+                             _ms(row["median_ms"]), f"{achieved:.1f}", f"{achieved / machine:.1%}"))
+    return _table(("workload", "step", "MFLOP per step", "ms median", "GFLOP/s",
+                   "fraction of the matmul rate (same rounds)"), rows)
+
+
+def _seed_lines(entry) -> list[str]:
+    rows = [
+        (r["rule"], _ms(r["one_seed"]["median_ms"]), _ms(r["many_seeds"]["median_ms"]),
+         f"{r['ratio']:.2f}", r["one_seed"]["steps"])
+        for r in entry.get("seeds", [])
+    ]
+    seeds = entry["seeds"][0]["seeds"] if entry.get("seeds") else "N"
+    return _table(("rule", "1 seed ms", f"{seeds} seeds ms", "ratio", "timed steps"), rows)
+
+
+def _epoch_lines(entry) -> list[str]:
+    rows = [
+        (r["rule"], r["steps_per_epoch"], _ms(r["epoch_ms"]), _ms(r["step_ms"]),
+         f"{r['ratio']:.2f}")
+        for r in entry.get("epochs", [])
+    ]
+    return _table(("rule", "steps", "epoch ms", "step ms", "epoch / (steps x step)"), rows)
+
+
+def _local_lines(local) -> list[str]:
+    rows = [
+        (r["name"], _ms(r["median_ms"]), f"{_ms(r['p25_ms'])}-{_ms(r['p75_ms'])}",
+         "" if r["ratio_to_bp"] is None else f"{r['ratio_to_bp']:.2f}")
+        for r in local.get("rows", [])
+    ]
+    lines = _table(("rule", "ms median", "ms p25-p75", "ratio to bp"), rows)
+    for name, reason in local.get("skipped", {}).items():
+        lines.append(f"- {name}: {reason}")
+    return lines + [""]
+
+
+def _ntk_lines(ntk) -> list[str]:
+    rows = [
+        (r["name"], _ms(r["median_ms"]), f"{_ms(r['p25_ms'])}-{_ms(r['p75_ms'])}",
+         f"{r['compile_s']:.2f}")
+        for r in ntk.get("rows", [])
+    ]
+    lines = _table(("kernel", "ms median", "ms p25-p75", "first call s"), rows)
+    if ntk.get("skipped"):
+        lines.append(f"- skipped: {ntk['skipped']}")
+    return lines
+
+
+def markdown(results: dict, command: str, notes: str = "") -> str:
+    """The results as a Markdown page: targets, then each measurement's table."""
+    env = results["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Run {results['started']} on {env['machine']}; {versions}; XLA_FLAGS "
+        f"`{env['xla_flags'] or '(none)'}`; conv2d default implementation "
+        f"`{env['conv_default']}`. Load average (1, 5, 15 min) at the start "
+        f"{results['load_average_start']}, at the end {results['load_average_end']}.",
+        "",
+        f"Times are medians of {results['settings']['steps']} timed steps per row, after "
+        "compilation and warm-up, taken in rounds that alternate between the rows of a "
+        "workload, so ratios within a table come from the same minutes of machine load. "
+        "Memory is XLA's buffers for one step (arguments, outputs and temporaries).",
+        "",
+        "## Targets",
+        "",
+        *_target_lines(results["targets"]),
+        f"Matmul rate: float32 {results['matmul']['size']}x{results['matmul']['size']} in "
+        f"{results['matmul']['median_ms']:.2f} ms, {results['matmul']['gflops']:.1f} GFLOP/s.",
+        "",
+    ]
+    for name, entry in results["workloads"].items():
+        lines += [
+            f"## {name}: {entry['description']}, batch {entry['batch_size']}",
+            "",
+            f"Data: {entry['data']}. Load average at the start {entry['load_average_start']}, "
+            f"at the end {entry['load_average_end']}.",
+            "",
+            "### Step time per rule and peer",
+            "",
+            *_step_lines(entry),
+            f"### {name}: seeds under vmap",
+            "",
+            *_seed_lines(entry),
+            f"### {name}: training loop (`train.run_epoch`)",
+            "",
+            *_epoch_lines(entry),
+        ]
+        for rule, reason in entry.get("skipped", {}).items():
+            lines.append(f"- {rule}: skipped, {reason}")
+        if "local_rules" in entry:
+            lines += [f"### {name}: rules at batch {entry['local_rules'].get('batch_size')}",
+                      "", *_local_lines(entry["local_rules"])]
+        if "ntk" in entry:
+            lines += [f"### {name}: empirical NTK, {entry['ntk'].get('examples')} inputs", "",
+                      *_ntk_lines(entry["ntk"])]
+    lines += ["## Backprop FLOP rate", "", *_flop_lines(results)]
+    lines += [NOTES_MARKER, "", notes.strip(), ""] if notes.strip() else [NOTES_MARKER, ""]
+    return "\n".join(lines)
+
+
+def existing_notes(path: Path) -> str:
+    """The hand-written notes below ``NOTES_MARKER`` in ``path``, or an empty string."""
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
+                                     encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def write_results(results: dict, out: Path, command: str) -> tuple[Path, Path]:
+    """Write ``<out>.md`` and ``<out>.json``, keeping the notes of an earlier ``<out>.md``."""
+    md_path, json_path = out.with_suffix(".md"), out.with_suffix(".json")
+    results = {**results, "command": command}
+    write_atomic(json_path, json.dumps(results, indent=1, default=str) + "\n")
+    write_atomic(md_path, markdown(results, command, existing_notes(md_path)))
+    return md_path, json_path
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpalt bench",
+        description="Time every registered rule, the hand-written JAX step and peer libraries.",
+    )
+    defaults = Settings()
+    parser.add_argument("--workloads", type=_names, default=defaults.workloads,
+                        help="comma-separated workloads (default W1,W2)")
+    parser.add_argument("--rules", type=_names, help="comma-separated rules (default: all)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="timed steps per row (default 30)")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds,
+                        help="rounds the timed steps are split into (default 10)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup,
+                        help="untimed steps after compiling (default 3)")
+    parser.add_argument("--batch-size", type=int, help="override every workload's batch size")
+    parser.add_argument("--data-dir", help="folder with MNIST t10k IDX files for W2")
+    parser.add_argument("--no-peers", action="store_true", help="skip PyTorch, BioTorch, evosax")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds,
+                        help="seeds under vmap, against one (default 3)")
+    parser.add_argument("--seed-rules", type=_names,
+                        help="rules of the seeds measurement (default: all)")
+    parser.add_argument("--epoch-rules", type=_names, default=defaults.epoch_rules,
+                        help="rules of the training-loop measurement (default bp)")
+    parser.add_argument("--seeds-budget", type=float, default=defaults.seeds_budget_s,
+                        help="seconds the seeds measurement of one rule may take (default 30)")
+    parser.add_argument("--es-population", type=int, default=defaults.es_population)
+    parser.add_argument("--local-batch", type=int, default=defaults.local_batch,
+                        help="batch of the HSIC / Greedy InfoMax comparison (0 skips it)")
+    parser.add_argument("--ntk-examples", type=int, default=defaults.ntk_examples,
+                        help="inputs of the empirical NTK timing (0 skips it)")
+    parser.add_argument("--matmul-size", type=int, default=defaults.matmul_size)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help="timed epochs of the training-loop measurement (0 skips it)")
+    parser.add_argument("--epoch-steps", type=int,
+                        help="cap the steps of each timed epoch (default: the whole set)")
+    parser.add_argument("--out", default="benchmarks",
+                        help="output path without suffix: writes OUT.md and OUT.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Validated ``Settings`` from parsed arguments; ``ValueError`` names a bad value."""
+    for name in ("steps", "rounds", "seeds", "es_population", "matmul_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
+                             f"got {getattr(args, name)}")
+    for name in ("warmup", "local_batch", "ntk_examples", "epochs"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "epoch_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in args.workloads:
+        workloads.get(name)
+    return Settings(
+        workloads=tuple(workloads.get(n).name for n in args.workloads),
+        rules=args.rules,
+        steps=args.steps,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        peers=not args.no_peers,
+        seeds=args.seeds,
+        seed_rules=args.seed_rules,
+        epoch_rules=args.epoch_rules,
+        seeds_budget_s=args.seeds_budget,
+        es_population=args.es_population,
+        local_batch=args.local_batch,
+        ntk_examples=args.ntk_examples,
+        matmul_size=args.matmul_size,
+        epochs=args.epochs,
+        epoch_steps=args.epoch_steps,
+    )
+
+
+def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
+    """Run the benchmark from the command line; write ``--out``.md and ``--out``.json.
+
+    ``command`` is the command line recorded in the output (default: ``python -m
+    bpalt.bench`` and the arguments).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        _rule_names(settings)
+    except ValueError as error:
+        print(f"bpalt bench: error: {error}", file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if command is None:
+        command = "python -m bpalt.bench " + " ".join(shlex.quote(a) for a in argv)
+
+    start = time.perf_counter()
+
+    def log(message):
+        if not args.quiet:
+            print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    results = run(settings, log)
+    md_path, json_path = write_results(results, Path(args.out), command.strip())
+    print(f"wrote {md_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

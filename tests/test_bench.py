@@ -1,0 +1,172 @@
+"""The benchmark runs end to end on a tiny configuration; its peers match the workloads.
+
+No timing is asserted: the figures depend on the machine and its load.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bpalt import bench, losses, nn, rules, workloads
+from bpalt.rules import registry
+from bpalt.rules.base import UpdateRule
+
+TINY = dict(
+    workloads=("W1",),
+    steps=2,
+    rounds=1,
+    warmup=0,
+    batch_size=4,
+    peers=False,
+    seeds=2,
+    es_population=4,
+    local_batch=0,
+    ntk_examples=0,
+    matmul_size=64,
+    epochs=1,
+    epoch_steps=2,
+)
+
+
+def _zero_rule(network, loss=losses.softmax_cross_entropy):
+    """A rule that is not part of the library: zero direction, true loss."""
+
+    def update(state, params, batch, key):
+        del key
+        x, y = batch
+        grads = jax.tree.map(jnp.zeros_like, params)
+        return grads, state, {"loss": loss(network.apply(params, x), y)}
+
+    return UpdateRule(lambda key, params: (), update, lambda s, p, x: network.apply(p, x), "zero")
+
+
+@pytest.fixture
+def registry_with_new_rule(monkeypatch):
+    """The registry holding ``bp`` and a rule registered after the benchmark was written."""
+    monkeypatch.setattr(registry, "_REGISTRY", {"bp": rules.backprop, "zero": _zero_rule})
+    monkeypatch.setattr(registry, "_TRAINING", {"bp": {}, "zero": {}})
+
+
+def test_default_settings_cover_every_registered_rule(registry_with_new_rule):
+    assert bench._rule_names(bench.Settings()) == ("bp", "zero")
+
+
+def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
+    settings = bench.Settings(**TINY, seed_rules=("bp",))
+    results = bench.run(settings)
+
+    steps = results["workloads"]["W1"]["steps"]
+    names = [row["name"] for row in steps["rows"]]
+    assert names[:3] == ["jax.grad + optax", "bp", "zero"]
+    assert "plain JAX (lax.conv)" in names
+    for row in steps["rows"]:
+        assert row["steps"] == 2 and row["median_ms"] > 0
+    assert [row["rule"] for row in results["workloads"]["W1"]["seeds"]] == ["bp"]
+    assert results["workloads"]["W1"]["epochs"][0]["steps_per_epoch"] == 2
+    assert any(t["target"] == "W1: bp / hand-written JAX step" for t in results["targets"])
+
+    md_path, json_path = bench.write_results(results, tmp_path / "bench", "tiny command")
+    assert json.loads(json_path.read_text())["command"] == "tiny command"
+    text = md_path.read_text()
+    assert "## Targets" in text and "| zero | rule |" in text
+
+    md_path.write_text(text + "Hand-written analysis.\n")
+    bench.write_results(results, tmp_path / "bench", "tiny command")
+    assert "Hand-written analysis." in md_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--workloads", "W9"], "unknown workload"),
+        (["--rules", "nope"], "unknown rule"),
+    ],
+)
+def test_command_line_rejects_bad_values(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def _weight_shapes(network):
+    params = jax.eval_shape(network.init, jax.random.key(0))
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return [leaf.shape for path, leaf in leaves if path[-1].key == "w"]
+
+
+@pytest.mark.parametrize("workload", list(workloads.WORKLOADS.values()), ids=lambda w: w.name)
+def test_peer_models_have_the_workload_shapes(workload):
+    network = workload.build()
+    init, apply = bench.plain_jax_model(workload.layers, network.input_shape)
+    params = init(0)
+    assert [w.shape for w, _ in params] == _weight_shapes(network)
+    x = jnp.zeros((2, *network.input_shape))
+    assert apply(params, x).shape == (2, *network.output_shape)
+
+
+@pytest.mark.parametrize("workload", list(workloads.WORKLOADS.values()), ids=lambda w: w.name)
+def test_torch_model_has_the_workload_size(workload):
+    torch = pytest.importorskip("torch")
+    network = workload.build()
+    model = bench.torch_model(torch, workload.layers, network.input_shape)
+    x = torch.zeros((2, network.input_shape[-1], *network.input_shape[:2]))
+    assert tuple(model(x).shape) == (2, *network.output_shape)
+    size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(bench.draw_params(network)))
+    assert sum(p.numel() for p in model.parameters()) == size
+
+
+def test_random_data_has_the_network_shape():
+    network = workloads.W2.build()
+    x, y, source = workloads.training_data(workloads.W2, data_dir=None)
+    assert x.shape == (workloads.RANDOM_EXAMPLES, *network.input_shape)
+    assert y.dtype == jnp.int32 and "random" in source
+    bx, by = workloads.first_batch(x[:3], y[:3], 8)
+    assert bx.shape == (8, *network.input_shape) and by.shape == (8,)
+
+
+# The convolution the benchmark chose (``nn.conv2d``'s default) in forward and reverse
+# mode against XLA's convolution, including the one-channel path the layer tests leave out.
+
+CONV_CASES = [
+    ((9, 9, 1), 3, 5, 1, "VALID"),
+    ((8, 8, 1), 4, 3, 2, "SAME"),
+    ((6, 7, 3), 5, 3, 1, "SAME"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_default_convolution_derivatives_match_xla(case):
+    shape, features, kernel, stride, padding = case
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, *shape)), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1, 1, (kernel, kernel, shape[-1], features)), jnp.float32)
+    dx, dw = (jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32) for a in (x, w))
+
+    def ours(x, w):
+        return nn.CONV_IMPLEMENTATIONS["patches"](x, w, stride=stride, padding=padding)
+
+    def xla(x, w):
+        return lax.conv_general_dilated(
+            x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    y, tangent = jax.jvp(ours, (x, w), (dx, dw))
+    y_ref, tangent_ref = jax.jvp(xla, (x, w), (dx, dw))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tangent, tangent_ref, rtol=1e-5, atol=1e-5)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    grads = jax.grad(loss(ours), (0, 1))(x, w)
+    grads_ref = jax.grad(loss(xla), (0, 1))(x, w)
+    for ours_leaf, ref_leaf in zip(grads, grads_ref):
+        np.testing.assert_allclose(ours_leaf, ref_leaf, rtol=1e-4, atol=1e-4)
+
+    hvp = jax.jvp(jax.grad(loss(ours), 1), (x, w), (dx, dw))[1]
+    hvp_ref = jax.jvp(jax.grad(loss(xla), 1), (x, w), (dx, dw))[1]
+    np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-4, atol=1e-4)
