@@ -3,9 +3,10 @@
 ``python -m bpalt.bench`` (or ``run(Settings(...))``) measures, on the workloads of
 ``bpalt.workloads``:
 
-- for every registered rule: milliseconds per training step (median and interquartile range
-  of the timed steps, after warm-up and compilation), the ratio to a hand-written jitted
-  ``jax.grad`` + optax step on the same network, compile time and XLA's peak buffer memory;
+- for every registered rule: milliseconds per training step, as the median and
+  interquartile range of the timed steps after warm-up and compilation. Also the ratio to a
+  hand-written jitted ``jax.grad`` + optax step on the same network, the compile time and
+  XLA's buffer memory;
 - peers in the same process when installed: plain JAX (``lax.conv_general_dilated`` and
   ``lax.reduce_window``), PyTorch eager backprop, BioTorch's FA and DFA, and evosax's
   Open_ES generation at the ES rule's population; each is skipped with a stated reason
@@ -80,8 +81,8 @@ class Settings:
         seed_rules: rules of the seeds measurement; ``None`` measures all.
         epoch_rules: rules of the training-loop measurement (the loop does not depend on
             the rule; ``bp`` by default).
-        seeds_budget_s: seconds the seeds measurement of one rule may take; a rule with
-            slow steps (ES on W2) gets fewer than ``steps`` timed steps, at least 5.
+        seeds_budget_s: seconds the seeds measurement of one rule may take. A rule with
+            slow steps (ES on W2) therefore gets fewer than ``steps`` timed steps, at least 5.
         es_population: population of the ES rule and of evosax's Open_ES.
         local_batch: batch size of the ``LOCAL_RULES`` measurement (0 skips it).
         ntk_examples: inputs of the empirical NTK (0 skips it).
@@ -114,7 +115,7 @@ class Settings:
 
 
 class Stepper:
-    """One step function with its state: ``step()`` runs one step and waits for it.
+    """A step function with its state: ``step()`` runs one step and waits for it.
 
     Attributes:
         name: the row name.
@@ -134,7 +135,7 @@ class Stepper:
 
 
 def summarize_times(seconds: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, minimum and maximum of step times, in milliseconds."""
+    """Return the median, quartiles, minimum and maximum of step times, in milliseconds."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     return {
         "median_ms": float(np.median(ms)),
@@ -202,7 +203,7 @@ def compile_jax(fn: Callable, *args) -> tuple[Callable, float, int | None]:
 
 
 def train_stepper(name: str, step_fn: Callable, carry: tuple, batch, key, flops=None) -> Stepper:
-    """A ``Stepper`` for ``step_fn(*carry, batch, key) -> (*carry, metrics)``."""
+    """Compile ``step_fn(*carry, batch, key) -> (*carry, metrics)`` into a ``Stepper``."""
     compiled, seconds, memory = compile_jax(step_fn, *carry, batch, key)
     state = {"carry": carry}
 
@@ -218,7 +219,7 @@ def train_stepper(name: str, step_fn: Callable, carry: tuple, batch, key, flops=
 
 
 def reference_train_step(network: nn.Network, optimizer: optax.GradientTransformation):
-    """The hand-written jitted ``jax.grad`` + optax step on ``network``.
+    """Build the hand-written jitted ``jax.grad`` + optax step on ``network``.
 
     Same signature as ``train.make_train_step``:
     ``(params, unused_state, opt_state, batch, key) -> (params, unused_state, opt_state,
@@ -239,7 +240,7 @@ def reference_train_step(network: nn.Network, optimizer: optax.GradientTransform
 
 
 def forward_flops(network: nn.Network, params, x) -> float | None:
-    """XLA's FLOP count of one forward pass of ``network`` on ``x``, or None."""
+    """Return XLA's FLOP count of one forward pass of ``network`` on ``x``, or None."""
     try:
         analysis = jax.jit(network.apply).lower(params, x).compile().cost_analysis()
     except (AttributeError, NotImplementedError, RuntimeError):
@@ -251,20 +252,21 @@ def forward_flops(network: nn.Network, params, x) -> float | None:
 
 
 def backprop_flops(network: nn.Network, params, x) -> float | None:
-    """FLOPs of a backprop step: 3 x the forward pass (forward, input and weight gradients)."""
+    """Estimate a backprop step's FLOPs as 3 x the forward pass (forward, input and weight
+    gradients)."""
     forward = forward_flops(network, params, x)
     return None if forward is None else 3.0 * forward
 
 
 def rule_kwargs(name: str, settings: Settings) -> dict[str, Any]:
-    """Hyperparameters the benchmark sets: the ES population, where the rule has one."""
+    """Return the hyperparameters the benchmark sets: the population, where a rule has one."""
     if "population" in rules.hyperparameters(name):
         return {"population": settings.es_population}
     return {}
 
 
 def rule_stepper(name: str, network: nn.Network, params, batch, settings: Settings):
-    """A ``Stepper`` of ``train.make_train_step`` for registered rule ``name`` at ``params``."""
+    """Compile ``train.make_train_step`` of registered rule ``name`` at ``params``."""
     rule = rules.get(name, network, **rule_kwargs(name, settings))
     optimizer = optax.adam(LEARNING_RATE)
     rule_key, step_key = jax.random.split(jax.random.key(1))
@@ -274,7 +276,7 @@ def rule_stepper(name: str, network: nn.Network, params, batch, settings: Settin
 
 
 def reference_stepper(network: nn.Network, params, batch, label="jax.grad + optax") -> Stepper:
-    """A ``Stepper`` of the hand-written reference step, with its FLOP count."""
+    """Compile the hand-written reference step, with its FLOP count."""
     optimizer = optax.adam(LEARNING_RATE)
     carry = (params, (), optimizer.init(params))
     flops = backprop_flops(network, params, batch[0])
@@ -286,14 +288,14 @@ def reference_stepper(network: nn.Network, params, batch, label="jax.grad + opta
 
 
 def he_normal(rng: np.random.Generator, shape: Sequence[int]) -> jax.Array:
-    """He-normal float32 weights drawn with NumPy: std sqrt(2 / fan_in), fan_in = all but
-    the last axis. NumPy avoids compiling ``jax.random`` for every shape."""
+    """Draw He-normal float32 weights with NumPy: std sqrt(2 / fan_in), where fan_in is the
+    product of all but the last axis. NumPy avoids compiling ``jax.random`` per shape."""
     scale = math.sqrt(2.0 / math.prod(shape[:-1]))
     return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
 
 
 def draw_params(network: nn.Network, seed: int = 0):
-    """Params of ``network``'s structure: He-normal weights, zero biases (NumPy-drawn)."""
+    """Draw params of ``network``'s structure: He-normal weights and zero biases."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(network.init, jax.random.key(0))
     return jax.tree.map(
@@ -304,10 +306,10 @@ def draw_params(network: nn.Network, seed: int = 0):
 
 
 def plain_jax_model(layers: Sequence[tuple], input_shape: Sequence[int]):
-    """``(init(seed) -> params, apply(params, x) -> logits)`` with ``lax`` primitives.
+    """Build ``(init(seed) -> params, apply(params, x) -> logits)`` from ``lax`` primitives.
 
-    Convolutions use ``lax.conv_general_dilated`` (NHWC, HWIO) and max-pooling
-    ``lax.reduce_window``: the model written without bpalt, as in the JAX tutorials.
+    Convolutions use ``lax.conv_general_dilated`` (NHWC, HWIO) and max-pooling uses
+    ``lax.reduce_window``: the model a researcher writes in plain JAX, without bpalt.
     ``layers`` is a workload's layer list (see ``bpalt.workloads.Workload.layers``).
     """
     shapes, shape = [], tuple(input_shape)
@@ -355,7 +357,7 @@ def plain_jax_model(layers: Sequence[tuple], input_shape: Sequence[int]):
 
 
 def plain_jax_stepper(workload: Workload, input_shape, batch) -> Stepper:
-    """Backprop with ``plain_jax_model``: ``jit(value_and_grad)`` + optax Adam."""
+    """Compile backprop on ``plain_jax_model``: ``jit(value_and_grad)`` + optax Adam."""
     init, apply = plain_jax_model(workload.layers, input_shape)
     optimizer = optax.adam(LEARNING_RATE)
 
@@ -377,7 +379,7 @@ def plain_jax_stepper(workload: Workload, input_shape, batch) -> Stepper:
 
 
 def _import(name: str):
-    """``(module, None)`` or ``(None, reason)`` when ``name`` is not importable."""
+    """Import ``name``: ``(module, None)``, or ``(None, reason)`` when it is missing."""
     try:
         return importlib.import_module(name), None
     except ImportError as error:
@@ -385,7 +387,7 @@ def _import(name: str):
 
 
 def torch_model(torch, layers: Sequence[tuple], input_shape: Sequence[int]):
-    """The workload's layers as a ``torch.nn.Sequential`` (NCHW, as PyTorch expects)."""
+    """Build the workload's layers as a ``torch.nn.Sequential`` (NCHW, as PyTorch expects)."""
     modules, channels, shape = [], input_shape[-1], tuple(input_shape)
     for layer in layers:
         if layer[0] == "conv":
@@ -409,7 +411,7 @@ def torch_model(torch, layers: Sequence[tuple], input_shape: Sequence[int]):
 
 
 def torch_stepper(name: str, torch, model, batch, threads: int, dfa=False) -> Stepper:
-    """A PyTorch eager training step (cross-entropy, Adam) of ``model`` on ``batch``.
+    """Wrap a PyTorch eager training step (cross-entropy, Adam) of ``model`` on ``batch``.
 
     Each step runs with ``threads`` intra-op threads. BioTorch's DFA module takes the labels
     and the loss in its forward pass; its layers' FutureWarning about non-full backward
@@ -433,17 +435,17 @@ def torch_stepper(name: str, torch, model, batch, threads: int, dfa=False) -> St
 
 
 def torch_threads() -> tuple[int, ...]:
-    """Thread counts PyTorch is measured with: all cores, and one.
+    """Return the thread counts PyTorch is timed with: all cores, and one.
 
-    On a busy machine PyTorch's OpenMP threads wait for each other (one LeNet step took
-    400 ms with 2 threads at load average 4 on 2 cores, 14 ms at best), so the peer is
-    also timed with one thread and compared at its faster setting.
+    On a busy machine PyTorch's threads wait for each other. One LeNet step took a median
+    of 400 ms with 2 threads at load average 4 on 2 cores, and 14 ms at best. The peer is
+    therefore also timed with one thread, and compared at its faster setting.
     """
     return tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
 
 
 def torch_peers(workload: Workload, input_shape, batch) -> tuple[list[Stepper], dict]:
-    """PyTorch eager backprop and BioTorch FA and DFA, or the reasons they are skipped.
+    """Build PyTorch eager backprop and BioTorch FA and DFA, or the reasons to skip them.
 
     Each is timed with every count of ``torch_threads``; rows are named
     ``"<peer> (<n> threads)"``.
@@ -474,10 +476,10 @@ def torch_peers(workload: Workload, input_shape, batch) -> tuple[list[Stepper], 
 
 
 def evosax_stepper(workload: Workload, input_shape, batch, population: int):
-    """One evosax Open_ES generation of the plain JAX model: ask, evaluate, tell.
+    """Compile one evosax Open_ES generation of the plain JAX model: ask, evaluate, tell.
 
-    The population is evaluated with one ``vmap``, as evosax's examples do, with the same
-    population, antithetic sampling, centred-rank shaping and Adam as the ES rule.
+    The population is evaluated with one ``vmap``. Population size, antithetic sampling,
+    centred-rank shaping (evosax's default) and Adam are those of the ES rule.
 
     Returns:
         ``(stepper, None)`` or ``(None, reason)``.
@@ -522,7 +524,7 @@ MATMUL = "float32 matmul (machine rate)"
 
 
 def matmul_stepper(size: int) -> Stepper:
-    """The jitted float32 ``size x size`` matmul, whose FLOP rate is the machine's."""
+    """Compile the float32 ``size x size`` matmul, whose FLOP rate is the machine's."""
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.standard_normal((size, size)), jnp.float32) for _ in range(2))
     compiled, seconds, memory = compile_jax(jnp.matmul, a, b)
@@ -534,7 +536,7 @@ def matmul_stepper(size: int) -> Stepper:
 
 
 def matmul_rate(size: int, repeats: int = 30) -> dict[str, float]:
-    """The matmul of ``matmul_stepper`` on its own: median ms and GFLOP/s."""
+    """Time the matmul of ``matmul_stepper`` on its own: median ms and GFLOP/s."""
     stepper = matmul_stepper(size)
     median = float(np.median(time_round_robin([stepper], repeats, 1, 1)[MATMUL]))
     return {"size": size, "median_ms": median * 1e3, "gflops": stepper.flops / median / 1e9}
@@ -570,7 +572,7 @@ def _ratio(samples, reference) -> float:
 
 
 def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, Any]:
-    """Every rule, the reference and the peers on one workload, timed round-robin."""
+    """Time every rule, the reference and the peers on one workload, round-robin."""
     network = workload.build()
     params = draw_params(network)
     reference = reference_stepper(network, params, batch)
@@ -621,7 +623,7 @@ def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, 
 
 
 def seeds_and_epoch(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
-    """Seeds under ``vmap`` against one seed, and an epoch against steps x step time."""
+    """Time seeds under ``vmap`` against one seed, and an epoch against steps x step time."""
     network = workload.build()
     batch_size = settings.batch_size or workload.batch_size
     seed_rules = settings.seed_rules if settings.seed_rules is not None else _rule_names(settings)
@@ -684,7 +686,7 @@ class SeedsRun:
 
 
 def _seeds_row(name, one: SeedsRun, many: SeedsRun, settings) -> dict[str, Any]:
-    """One seed against ``settings.seeds`` seeds, alternating; slow rules take fewer steps.
+    """Time one seed against ``settings.seeds`` seeds, alternating.
 
     The number of timed steps is ``settings.steps``, or as many as fit in
     ``settings.seeds_budget_s`` seconds (at least 5) for a rule whose steps are slow.
@@ -706,7 +708,7 @@ def _seeds_row(name, one: SeedsRun, many: SeedsRun, settings) -> dict[str, Any]:
 
 
 def _epoch_row(name, run: SeedsRun, settings) -> dict[str, Any]:
-    """Epochs of ``train.run_epoch`` against steps x the median step time, alternating."""
+    """Time epochs of ``train.run_epoch`` against steps x the median step time."""
     run.epoch(0, settings.epoch_steps)
     epoch_seconds, step_samples = [], []
     for index in range(settings.epochs):
@@ -730,7 +732,7 @@ def _epoch_row(name, run: SeedsRun, settings) -> dict[str, Any]:
 
 
 def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
-    """``LOCAL_RULES`` that are registered, against backprop, at ``settings.local_batch``."""
+    """Time the registered ``LOCAL_RULES`` against backprop at ``settings.local_batch``."""
     present = [name for name in LOCAL_RULES if name in rules.names()]
     result = {"batch_size": settings.local_batch, "rows": []}
     if settings.local_batch <= 0:
@@ -761,7 +763,7 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
 
 
 def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
-    """``bpalt.ntk.empirical_ntk`` of ``n x n`` inputs, for each of its methods."""
+    """Time ``bpalt.ntk.empirical_ntk`` of ``n x n`` inputs, for each of its methods."""
     if settings.ntk_examples <= 0:
         return {"rows": [], "skipped": "not measured (ntk_examples 0)"}
     ntk, reason = _import("bpalt.ntk")
@@ -791,7 +793,7 @@ def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    """Package versions, machine, XLA flags and load average."""
+    """Describe the run: package versions, machine, XLA flags, default convolution."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -812,7 +814,7 @@ def environment() -> dict[str, Any]:
 
 
 def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages, or None where the system has none."""
+    """Return the 1, 5 and 15 minute load averages, or None where the system has none."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
@@ -839,7 +841,7 @@ def run(settings: Settings, log: Callable[[str], None] = lambda message: None) -
 
 
 def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
-    """All measurements of one workload."""
+    """Run every measurement of one workload."""
     x, y, source = workloads.training_data(workload, settings.data_dir)
     batch_size = settings.batch_size or workload.batch_size
     batch = workloads.first_batch(x, y, batch_size)
@@ -863,13 +865,13 @@ def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
 
 
 def _find(rows, name):
-    """The row called ``name``; for a peer timed at several thread counts, the fastest."""
+    """Find the row called ``name``; for a peer timed at several thread counts, the fastest."""
     matches = [row for row in rows if row["name"] == name or row["name"].startswith(name + " (")]
     return min(matches, key=lambda row: row["median_ms"]) if matches else None
 
 
 def _target(name, measured, limit, unit, *, at_least=False, note=""):
-    """One target: ``measured <= limit`` (or ``>=`` with ``at_least``); None if unmeasured."""
+    """Build one target: ``measured <= limit`` (``>=`` with ``at_least``), None if unmeasured."""
     met = None
     if measured is not None:
         met = bool(measured >= limit) if at_least else bool(measured <= limit)
@@ -878,7 +880,7 @@ def _target(name, measured, limit, unit, *, at_least=False, note=""):
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """Each target of the issue: the measured value, its limit and whether it is met."""
+    """List every target: the measured value, its limit and whether it is met."""
     targets = []
     for name, entry in results["workloads"].items():
         rows = entry["steps"]["rows"]
@@ -903,10 +905,12 @@ def evaluate_targets(results: dict) -> list[dict]:
 
 
 def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
+    """List the step-time targets of one workload from its rows."""
     targets = []
     bp, torch_row = _find(rows, "bp"), _find(rows, "PyTorch eager")
     if bp is None:
         return targets
+
     targets.append(_target(f"{workload}: bp / hand-written JAX step", bp["ratio_to_reference"],
                            1.05, "x"))
     if torch_row is not None:
@@ -917,6 +921,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
                                note=skipped.get("PyTorch eager", "not measured")))
     if workload == "W2":
         targets.append(_target("W2: bp step", bp["median_ms"], 4.7, "ms"))
+
     for rule, limit in (("fa", 1.15), ("dfa", 1.10)):
         row = _find(rows, rule)
         if row is None:
@@ -930,6 +935,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             1.0, "x",
             note=peer["name"] if peer else skipped.get(f"BioTorch {rule}", "not measured"),
         ))
+
     es, evosax = _find(rows, "es"), next((r for r in rows if r["name"].startswith("evosax")), None)
     if es is not None and workload == "W1":
         targets.append(_target(
@@ -938,6 +944,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             0.6, "x",
             note="" if evosax is not None else skipped.get("evosax Open_ES", "not measured"),
         ))
+
     machine = gflops(_find(rows, MATMUL) or {}) or matmul.get("gflops")
     if bp.get("flops") and machine:
         fraction = gflops(bp) / machine
@@ -964,7 +971,9 @@ def _local_targets(local) -> list[dict]:
 
 
 def _ms(value) -> str:
-    return "" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    if value is None:
+        return ""
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -1007,12 +1016,12 @@ def _step_lines(entry) -> list[str]:
 
 
 def gflops(row) -> float | None:
-    """A row's achieved GFLOP/s from its FLOP count and median time, or None."""
+    """Return a row's achieved GFLOP/s from its FLOP count and median time, or None."""
     return None if not row.get("flops") else row["flops"] / (row["median_ms"] * 1e-3) / 1e9
 
 
 def _flop_lines(results) -> list[str]:
-    """Each backprop row's FLOP rate against the matmul timed in the same rounds."""
+    """Tabulate each backprop row's FLOP rate against the matmul of the same rounds."""
     rows = []
     for name, entry in results["workloads"].items():
         machine = gflops(_find(entry["steps"]["rows"], MATMUL) or {}) or results["matmul"]["gflops"]
@@ -1069,7 +1078,7 @@ def _ntk_lines(ntk) -> list[str]:
 
 
 def markdown(results: dict, command: str, notes: str = "") -> str:
-    """The results as a Markdown page: targets, then each measurement's table."""
+    """Render the results as Markdown: targets, then each measurement's table."""
     env = results["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [
@@ -1125,7 +1134,7 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
 
 
 def existing_notes(path: Path) -> str:
-    """The hand-written notes below ``NOTES_MARKER`` in ``path``, or an empty string."""
+    """Return the hand-written notes below ``NOTES_MARKER`` in ``path``, or ``""``."""
     if not path.exists():
         return ""
     text = path.read_text(encoding="utf-8")

@@ -191,10 +191,9 @@ def _window(x, axis: int, start: int, size: int, stride: int):
 def _stack(arrays, axis: int):
     """``jnp.stack`` by reshapes and one ``lax.concatenate``.
 
-    Under ``vmap`` (seeds) ``jnp.stack`` placed the new axis before the mapped one, and XLA
-    then transposed the whole result to feed the matrix product (13 ms against 5 ms for
-    three seeds of LeNet's first-layer weight gradient); reshapes keep the mapped axis
-    first.
+    Under ``vmap`` (seeds), ``jnp.stack`` placed the new axis before the mapped one, so XLA
+    transposed the whole result to feed the matrix product. Reshapes keep the mapped axis
+    first: three seeds of LeNet's first-layer weight gradient took 5 ms instead of 13 ms.
     """
     return lax.concatenate([a.reshape(*a.shape[:axis], 1, *a.shape[axis:]) for a in arrays], axis)
 
@@ -203,10 +202,10 @@ def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int):
     """Kernel-sized windows, offsets last: (n, h, w, c) -> (n, out_h, out_w, kh * kw * c).
 
     Built in two stages, the row offsets and then the column offsets, each one stack of
-    strided slices; the last axis runs over (row, column, channel) like a reshaped HWIO
-    kernel. Its transpose, the input gradient, is two stages of padded sums. On XLA:CPU,
+    strided slices. The last axis runs over (row, column, channel), like a reshaped HWIO
+    kernel, and the transpose (the input gradient) is two stages of padded sums. On XLA:CPU,
     for LeNet's second layer at batch 128, two stages took 0.48 ms where one concatenate of
-    kh * kw slices took 0.78 ms, and the two-stage input gradient 0.8 ms against 1.5 ms.
+    kh * kw slices took 0.78 ms. The two-stage input gradient took 0.8 ms against 1.5 ms.
     """
     rows = _stack([_window(x, 1, i, out_h, stride) for i in range(kh)], axis=3)
     patches = _stack([_window(rows, 2, j, out_w, stride) for j in range(kw)], axis=4)
@@ -245,10 +244,10 @@ def _conv_by_transposed_patches(x, w, stride: int, out_h: int, out_w: int):
 def _conv_by_shifts(x, w, stride: int, out_h: int, out_w: int):
     """VALID convolution of a one-channel input as a sum of shifted copies times kernel rows.
 
-    With one input channel, a patches matrix has one column per kernel offset and its
-    product is a thin (m, kh*kw) @ (kh*kw, out): slower than ``kh * kw`` broadcast
-    multiply-adds that XLA fuses into one loop (0.3 ms against 2 to 5 ms for LeNet's first
-    layer at batch 128).
+    With one input channel, a patches matrix has one column per kernel offset, and its
+    product is a thin (m, kh*kw) @ (kh*kw, out). XLA fuses ``kh * kw`` broadcast
+    multiply-adds into one loop instead, which took 0.3 ms against 2 to 5 ms for LeNet's
+    first layer at batch 128.
     """
     kh, kw, _, _ = w.shape
     y = 0.0
@@ -302,8 +301,8 @@ def _conv_patches(x, w, *, stride, padding):
     """Convolution as patches plus matrix products (im2col), with hand-chosen derivatives.
 
     Pads for SAME, then runs ``_conv_valid``. On XLA:CPU a LeNet backprop step at batch
-    128 took about 0.6 of the time of a single-concatenate im2col and 0.55 to 0.6 of
-    ``lax.conv_general_dilated``'s; it uses no XLA convolution, whose weight gradient takes
+    128 took about 0.6 of the time of a single-concatenate im2col, and 0.55 to 0.6 of
+    ``lax.conv_general_dilated``'s. It uses no XLA convolution, whose weight gradient takes
     a slow path inside ``lax.scan``.
     """
     kh, kw, _, _ = w.shape

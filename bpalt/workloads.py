@@ -4,8 +4,9 @@
   SAME, each followed by ReLU and max-pool 2, dense 10), batch 64, on scikit-learn's bundled
   8x8 digits.
 - ``W2``: LeNet size (``models.lenet``: 28x28x1 input, conv 5x5 6 VALID, ReLU, max-pool 2,
-  conv 5x5 16 VALID, ReLU, max-pool 2, dense 120, 84, 10), batch 128, on the real MNIST
-  t10k images when a data directory is given, otherwise on random data of the same shape.
+  conv 5x5 16 VALID, ReLU, max-pool 2, dense 120, 84, 10), batch 128. It trains on the
+  real MNIST t10k images when a data directory is given, otherwise on random data of the
+  same shape.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class Workload(NamedTuple):
         build: ``() -> Network``, the network.
         batch_size: examples per step.
         dataset: the ``bpalt.data`` name of the real images.
-        needs_data_dir: whether ``dataset`` is read from a directory (W2) or bundled (W1);
-            without a directory such a workload uses random data.
+        needs_data_dir: whether ``dataset`` is read from a directory (W2) or is bundled with
+            scikit-learn (W1). Without a directory, a W2-like workload uses random data.
         layers: the same network as a flat list of layers, from which the benchmark
             builds its peers (plain JAX, PyTorch): ``("conv", features, kernel, padding)``
             with stride 1, ``("relu",)``, ``("pool", window)`` (max), ``("flatten",)``,
@@ -106,7 +107,7 @@ def random_data(
 def training_data(
     workload: Workload, data_dir: str | None = None, seed: int = 0
 ) -> tuple[jax.Array, jax.Array, str]:
-    """The training images and labels of ``workload``, on the device.
+    """Load the training images and labels of ``workload`` onto the device.
 
     W1 always reads the bundled digits. W2 reads MNIST t10k from ``data_dir`` and falls back
     to ``RANDOM_EXAMPLES`` random examples of the same shape without one.
@@ -128,7 +129,7 @@ def training_data(
 
 
 def first_batch(x: jax.Array, y: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """The first ``batch_size`` examples, repeated when the set is smaller: (batch, ...)."""
+    """Return the first ``batch_size`` examples, repeated when the set is smaller."""
     if x.shape[0] < batch_size:
         repeats = -(-batch_size // x.shape[0])
         x, y = jnp.tile(x, (repeats,) + (1,) * (x.ndim - 1)), jnp.tile(y, repeats)
