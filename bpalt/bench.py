@@ -158,7 +158,7 @@ def time_round_robin(
     round, so that no stepper always follows the same neighbour.
 
     Returns:
-        ``{name: [seconds per timed step]}``.
+        ``{name: [[seconds per timed step] per round]}``.
     """
     for stepper in steppers:
         for _ in range(warmup):
@@ -166,16 +166,37 @@ def time_round_robin(
 
     rounds = max(1, min(rounds, steps))
     per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
-    samples: dict[str, list[float]] = {s.name: [] for s in steppers}
+    samples: dict[str, list[list[float]]] = {s.name: [] for s in steppers}
     for round_index, count in enumerate(per_round):
         shift = round_index % len(steppers)
         for stepper in [*steppers[shift:], *steppers[:shift]]:
             stepper.step()
+            times = []
             for _ in range(count):
                 start = time.perf_counter()
                 stepper.step()
-                samples[stepper.name].append(time.perf_counter() - start)
+                times.append(time.perf_counter() - start)
+            samples[stepper.name].append(times)
     return samples
+
+
+def flatten(rounds: Sequence[Sequence[float]]) -> list[float]:
+    """Join the per-round samples of ``time_round_robin`` into one list."""
+    return [value for times in rounds for value in times]
+
+
+def round_medians_ms(rounds: Sequence[Sequence[float]]) -> list[float]:
+    """Return the median of each round's samples, in milliseconds."""
+    return [float(np.median(times)) * 1e3 for times in rounds]
+
+
+def paired_ratio(rounds_ms: Sequence[float], reference_ms: Sequence[float]) -> float:
+    """Return the median over rounds of the per-round ratio of two rows' medians.
+
+    Both rows ran in the same rounds, so each per-round ratio compares them under the same
+    load. On a busy machine this varies less than the ratio of overall medians.
+    """
+    return float(np.median(np.asarray(rounds_ms) / np.asarray(reference_ms)))
 
 
 def compile_jax(fn: Callable, *args) -> tuple[Callable, float, int | None]:
@@ -538,7 +559,7 @@ def matmul_stepper(size: int) -> Stepper:
 def matmul_rate(size: int, repeats: int = 30) -> dict[str, float]:
     """Time the matmul of ``matmul_stepper`` on its own: median ms and GFLOP/s."""
     stepper = matmul_stepper(size)
-    median = float(np.median(time_round_robin([stepper], repeats, 1, 1)[MATMUL]))
+    median = float(np.median(flatten(time_round_robin([stepper], repeats, 1, 1)[MATMUL])))
     return {"size": size, "median_ms": median * 1e3, "gflops": stepper.flops / median / 1e9}
 
 
@@ -559,16 +580,14 @@ def _failure(error: Exception) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
-def _row(stepper: Stepper, samples, kind: str) -> dict[str, Any]:
-    row = {"name": stepper.name, "kind": kind, **summarize_times(samples)}
+def _row(stepper: Stepper, rounds, kind: str) -> dict[str, Any]:
+    """Summarize a stepper's per-round samples as a table row."""
+    row = {"name": stepper.name, "kind": kind, **summarize_times(flatten(rounds))}
+    row["rounds_ms"] = round_medians_ms(rounds)
     row["compile_s"] = stepper.compile_s
     row["memory_mib"] = None if stepper.memory_bytes is None else stepper.memory_bytes / 2**20
     row["flops"] = stepper.flops
     return row
-
-
-def _ratio(samples, reference) -> float:
-    return float(np.median(samples) / np.median(reference))
 
 
 def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, Any]:
@@ -614,11 +633,9 @@ def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, 
     kinds[MATMUL] = "machine"
     log(f"  {workload.name}: timing {len(steppers)} step functions")
     samples = time_round_robin(steppers, settings.steps, settings.rounds, settings.warmup)
-    rows = []
-    for stepper in steppers:
-        row = _row(stepper, samples[stepper.name], kinds[stepper.name])
-        row["ratio_to_reference"] = _ratio(samples[stepper.name], samples[reference.name])
-        rows.append(row)
+    rows = [_row(stepper, samples[stepper.name], kinds[stepper.name]) for stepper in steppers]
+    for row in rows:
+        row["ratio_to_reference"] = _pair(row, rows[0])
     return {"rows": rows, "skipped": skipped}
 
 
@@ -701,9 +718,12 @@ def _seeds_row(name, one: SeedsRun, many: SeedsRun, settings) -> dict[str, Any]:
     return {
         "rule": name,
         "seeds": settings.seeds,
-        "one_seed": summarize_times(samples[one.stepper.name]),
-        "many_seeds": summarize_times(samples[many.stepper.name]),
-        "ratio": _ratio(samples[many.stepper.name], samples[one.stepper.name]),
+        "one_seed": summarize_times(flatten(samples[one.stepper.name])),
+        "many_seeds": summarize_times(flatten(samples[many.stepper.name])),
+        "ratio": paired_ratio(
+            round_medians_ms(samples[many.stepper.name]),
+            round_medians_ms(samples[one.stepper.name]),
+        ),
     }
 
 
@@ -715,7 +735,7 @@ def _epoch_row(name, run: SeedsRun, settings) -> dict[str, Any]:
         seconds, steps = run.epoch(index + 1, settings.epoch_steps)
         epoch_seconds.append(seconds)
         samples = time_round_robin([run.stepper], steps, 1, 1)
-        step_samples += samples[run.stepper.name]
+        step_samples += flatten(samples[run.stepper.name])
     step_ms = float(np.median(step_samples)) * 1e3
     epoch_ms = float(np.median(epoch_seconds)) * 1e3
     return {
@@ -750,12 +770,10 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
         except Exception as error:  # noqa: BLE001 - a broken rule is reported, not fatal
             skipped[name] = _failure(error)
     samples = time_round_robin(steppers, settings.steps, settings.rounds, settings.warmup)
-    reference = samples.get("bp")
-    rows = []
-    for stepper in steppers:
-        row = _row(stepper, samples[stepper.name], "rule")
-        row["ratio_to_bp"] = None if reference is None else _ratio(samples[stepper.name], reference)
-        rows.append(row)
+    rows = [_row(stepper, samples[stepper.name], "rule") for stepper in steppers]
+    reference = _find(rows, "bp")
+    for row in rows:
+        row["ratio_to_bp"] = None if reference is None else _pair(row, reference)
     for name in LOCAL_RULES:
         if name not in present:
             skipped[name] = "not registered"
@@ -864,6 +882,11 @@ def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
 # --- Targets ------------------------------------------------------------------------------------
 
 
+def _pair(row, reference) -> float:
+    """Return ``paired_ratio`` of two rows timed in the same rounds."""
+    return paired_ratio(row["rounds_ms"], reference["rounds_ms"])
+
+
 def _find(rows, name):
     """Find the row called ``name``; for a peer timed at several thread counts, the fastest."""
     matches = [row for row in rows if row["name"] == name or row["name"].startswith(name + " (")]
@@ -914,8 +937,8 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
     targets.append(_target(f"{workload}: bp / hand-written JAX step", bp["ratio_to_reference"],
                            1.05, "x"))
     if torch_row is not None:
-        targets.append(_target(f"{workload}: bp / PyTorch eager", bp["median_ms"] /
-                               torch_row["median_ms"], 1.0, "x", note=torch_row["name"]))
+        targets.append(_target(f"{workload}: bp / PyTorch eager", _pair(bp, torch_row), 1.0,
+                               "x", note=torch_row["name"]))
     else:
         targets.append(_target(f"{workload}: bp / PyTorch eager", None, 1.0, "x",
                                note=skipped.get("PyTorch eager", "not measured")))
@@ -926,12 +949,11 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
         row = _find(rows, rule)
         if row is None:
             continue
-        targets.append(_target(f"{workload}: {rule} / bp", row["median_ms"] / bp["median_ms"],
-                               limit, "x"))
+        targets.append(_target(f"{workload}: {rule} / bp", _pair(row, bp), limit, "x"))
         peer = _find(rows, f"BioTorch {rule}")
         targets.append(_target(
             f"{workload}: {rule} / BioTorch {rule}",
-            None if peer is None else row["median_ms"] / peer["median_ms"],
+            None if peer is None else _pair(row, peer),
             1.0, "x",
             note=peer["name"] if peer else skipped.get(f"BioTorch {rule}", "not measured"),
         ))
@@ -940,7 +962,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
     if es is not None and workload == "W1":
         targets.append(_target(
             "W1: es generation / evosax Open_ES",
-            None if evosax is None else es["median_ms"] / evosax["median_ms"],
+            None if evosax is None else _pair(es, evosax),
             0.6, "x",
             note="" if evosax is not None else skipped.get("evosax Open_ES", "not measured"),
         ))
@@ -1060,9 +1082,9 @@ def _local_lines(local) -> list[str]:
         for r in local.get("rows", [])
     ]
     lines = _table(("rule", "ms median", "ms p25-p75", "ratio to bp"), rows)
-    for name, reason in local.get("skipped", {}).items():
-        lines.append(f"- {name}: {reason}")
-    return lines + [""]
+    skipped = local.get("skipped", {})
+    lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
+    return lines + ([""] if skipped else [])
 
 
 def _ntk_lines(ntk) -> list[str]:
@@ -1092,9 +1114,11 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
         f"{results['load_average_start']}, at the end {results['load_average_end']}.",
         "",
         f"Times are medians of {results['settings']['steps']} timed steps per row, after "
-        "compilation and warm-up, taken in rounds that alternate between the rows of a "
-        "workload, so ratios within a table come from the same minutes of machine load. "
-        "Memory is XLA's buffers for one step (arguments, outputs and temporaries).",
+        f"compilation and warm-up, taken in {results['settings']['rounds']} rounds that "
+        "alternate between the rows of a workload. A ratio between two rows is the median "
+        "over rounds of the ratio of their per-round medians, so each compares the rows "
+        "under the same machine load. Memory is XLA's buffers for one step (arguments, "
+        "outputs and temporaries).",
         "",
         "## Targets",
         "",
@@ -1120,8 +1144,9 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
             "",
             *_epoch_lines(entry),
         ]
-        for rule, reason in entry.get("skipped", {}).items():
-            lines.append(f"- {rule}: skipped, {reason}")
+        skipped = entry.get("skipped", {})
+        lines += [f"- {rule}: skipped, {reason}" for rule, reason in skipped.items()]
+        lines += [""] if skipped else []
         if "local_rules" in entry:
             lines += [f"### {name}: rules at batch {entry['local_rules'].get('batch_size')}",
                       "", *_local_lines(entry["local_rules"])]
