@@ -2,7 +2,7 @@
 
 A checkpoint stores the leaves of a pytree in order, with PRNG key arrays as their raw
 key data; restoring needs a template of the same structure (for example a freshly
-initialised state), which also says which leaves are keys.
+initialised state), which also marks which leaves are keys.
 """
 
 from __future__ import annotations

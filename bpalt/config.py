@@ -88,7 +88,7 @@ class Comparison:
     rule_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def runs(self) -> list[RunSpec]:
-        """One ``RunSpec`` per rule, with every setting resolved."""
+        """Return one ``RunSpec`` per rule, with every setting resolved."""
         return [self.run(name) for name in self.rules]
 
     def run(self, name: str) -> RunSpec:
@@ -100,7 +100,7 @@ class Comparison:
         return RunSpec(rule=name, hyperparameters=settings, **training)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able record of the comparison and every resolved run."""
+        """Return a JSON-able record of the comparison and every resolved run."""
         record = dataclasses.asdict(self)
         record["seeds"] = list(self.seeds)
         record["rules"] = list(self.rules)

@@ -42,7 +42,7 @@ TERMINAL = ("finished", "diverged")
 
 
 class ConfigMismatchError(ValueError):
-    """The output folder holds a comparison with a different config."""
+    """Raised when the output folder contains a comparison with a different config."""
 
 
 def _config_differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -86,7 +86,7 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
         differences = _config_differences(_fingerprint(previous), _fingerprint(record))
         if differences:
             raise ConfigMismatchError(
-                f"{out} holds a comparison with a different config ({'; '.join(differences)}); "
+                f"{out} contains a comparison with a different config ({'; '.join(differences)}); "
                 "choose another --out or the same settings to resume"
             )
         return
@@ -165,7 +165,7 @@ class RuleRunner:
         return train.init_seeds(self.rule, self.network, self.optimizer, self.seeds)
 
     def train_epoch(self, state, epoch: int):
-        """One epoch of all seeds, with diagnostics every ``diagnostics_every`` steps.
+        """Train all seeds for one epoch, with diagnostics every ``diagnostics_every`` steps.
 
         Returns the state, the mean train metrics per seed, the training seconds (the
         diagnostics' time excluded), the step count and the diagnostics records.
@@ -197,7 +197,7 @@ class RuleRunner:
         return {k: np.asarray(v) for k, v in metrics.items()}
 
     def diagnostic_records(self, epoch, diagnosed, was_diverged) -> list[dict]:
-        """One record per seed and logged step, for seeds running at the epoch's start."""
+        """Build one record per seed and logged step, for seeds running at the epoch's start."""
         records = []
         for step, metrics in diagnosed:
             for index, seed in enumerate(self.seeds):
@@ -215,7 +215,7 @@ class RuleRunner:
         return records
 
     def epoch_records(self, state, epoch, metrics, seconds, steps, was_diverged):
-        """One JSON record per seed still running at the start of this epoch."""
+        """Build one JSON record per seed still running at the start of this epoch."""
         accuracy, test_loss = self.evaluate(state, self.x_test, self.y_test)
         diverged = np.asarray(state.diverged)
         final = epoch == self.spec.epochs - 1
@@ -223,7 +223,12 @@ class RuleRunner:
         for index, seed in enumerate(self.seeds):
             if was_diverged[index]:
                 continue
-            status = "diverged" if diverged[index] else ("finished" if final else "running")
+            if diverged[index]:
+                status = "diverged"
+            elif final:
+                status = "finished"
+            else:
+                status = "running"
             record = {
                 "record": "epoch",
                 "rule": self.spec.rule,
@@ -352,7 +357,7 @@ def _drop_epochs_after_checkpoints(out: Path, log: ResultsLog, pending) -> None:
     """Forget records of unfinished rules written after their last checkpoint.
 
     Records are appended before the checkpoint is saved, so an interruption between the two
-    leaves an epoch that the resumed run trains again; dropping it avoids a duplicate.
+    leaves an epoch that the resumed run trains again. Dropping it avoids a duplicate.
     """
     last_saved = {}
     for spec in pending:

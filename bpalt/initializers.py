@@ -40,7 +40,7 @@ def compute_fans(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def zeros(key, shape, dtype=jnp.float32):
-    """All zeros. Every unit of a layer then computes the same function (symmetry)."""
+    """Fill with zeros. Every unit of a layer then computes the same function (symmetry)."""
     del key
     return jnp.zeros(shape, dtype)
 

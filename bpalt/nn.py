@@ -577,7 +577,7 @@ class Network:
         return x
 
     def forward(self, params, x: jax.Array) -> list[jax.Array]:
-        """Every block's output, in order; the last entry is the logits."""
+        """Return every block's output in order. The last entry is the logits."""
         outputs = []
         for block, block_params in zip(self.blocks, params):
             x = block.apply(block_params, x)

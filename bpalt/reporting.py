@@ -39,7 +39,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _final_records(records) -> dict[str, dict[int, dict]]:
-    """The last record of every (rule, seed)."""
+    """Return the last record of every (rule, seed)."""
     final: dict[str, dict[int, dict]] = defaultdict(dict)
     for record in records:
         previous = final[record["rule"]].get(record["seed"])
@@ -67,7 +67,7 @@ def split_records(records):
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per rule, in the order the rules first appear."""
+    """Summarise the records as one row per rule, in the order the rules first appear."""
     records, diagnosed = split_records(records)
     by_rule: dict[str, list[dict]] = defaultdict(list)
     for record in records:
@@ -123,7 +123,7 @@ def _runs_cell(row) -> str:
 
 
 def table_rows(rows) -> list[list[str]]:
-    """The summary rows as table cells."""
+    """Format the summary rows as table cells."""
     cells = []
     for row in rows:
         accuracy = (

@@ -95,7 +95,7 @@ def _select(predicate, on_true, on_false):
 
 
 def _guarded_step(step_fn: Callable, state: TrainState, batch) -> tuple[TrainState, dict]:
-    """One step of one run that keeps the old state once the loss is non-finite."""
+    """Take one step of one run, keeping the old state once the loss is non-finite."""
     step_key = jax.random.fold_in(state.key, state.step)
     params, rule_state, opt_state, metrics = step_fn(
         state.params, state.rule_state, state.opt_state, batch, step_key
@@ -139,7 +139,7 @@ def make_seeds_step(rule: UpdateRule, optimizer: optax.GradientTransformation):
 
 
 def epoch_permutations(state: TrainState, epoch: int, num_examples: int, batch_size: int):
-    """Each seed's shuffled batch indices for ``epoch``: (steps, seeds, batch).
+    """Return each seed's shuffled batch indices for ``epoch``: (steps, seeds, batch).
 
     The order depends only on the run key and the epoch, so a resumed run sees the same
     batches. The last partial batch is dropped to keep one compiled shape.

@@ -26,7 +26,7 @@ class DirectFeedbackAlignmentState(NamedTuple):
 
 
 def block_outputs_with_stopped_inputs(network: Network, params, x):
-    """Every block's output, each computed from its stopped input.
+    """Compute every block's output, each from its stopped input.
 
     A gradient taken through these outputs reaches only the params of the block that
     produced each one: the block-local vector-Jacobian product.

@@ -43,7 +43,7 @@ def register(name: str, *, training: dict[str, object] | None = None):
 
 
 def training_defaults(name: str) -> dict[str, object]:
-    """The training settings rule ``name`` recommends (may be empty)."""
+    """Return the training settings that rule ``name`` recommends (may be empty)."""
     constructor(name)
     return dict(_TRAINING[name])
 
