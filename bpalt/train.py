@@ -141,7 +141,7 @@ def make_seeds_step(rule: UpdateRule, optimizer: optax.GradientTransformation):
 def epoch_permutations(state: TrainState, epoch: int, num_examples: int, batch_size: int):
     """Return each seed's shuffled batch indices for ``epoch``: (steps, seeds, batch).
 
-    The order depends only on the run key and the epoch, so a resumed run sees the same
+    The order depends only on the run key and the epoch, so a resumed run gets the same
     batches. The last partial batch is dropped to keep one compiled shape.
     """
     steps = num_examples // batch_size
