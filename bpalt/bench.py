@@ -12,7 +12,8 @@
   Open_ES generation at the ES rule's population; each is skipped with a stated reason
   otherwise;
 - the machine's jitted float32 matmul rate and each backprop step's FLOP rate against it;
-- 3 seeds under ``vmap`` against one seed, and an epoch of the training loop against
+- 3 seeds in one compiled step (``train.make_seeds_step``, with the seed loop it chooses and
+  with the other one) against one seed, and an epoch of the training loop against
   steps x step time;
 - rules that train at batch 256 (HSIC, Greedy InfoMax) against backprop at that batch, and
   the empirical NTK of the W1 network.
@@ -640,7 +641,7 @@ def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, 
 
 
 def seeds_and_epoch(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
-    """Time seeds under ``vmap`` against one seed, and an epoch against steps x step time."""
+    """Time several seeds against one seed, and an epoch against steps x step time."""
     network = workload.build()
     batch_size = settings.batch_size or workload.batch_size
     seed_rules = settings.seed_rules if settings.seed_rules is not None else _rule_names(settings)
@@ -653,10 +654,13 @@ def seeds_and_epoch(workload: Workload, settings: Settings, x, y, log) -> dict[s
             optimizer = optax.adam(LEARNING_RATE)
             state = train.init_seeds(rule, network, optimizer, range(settings.seeds))
             first = train.select_seeds(state, np.arange(settings.seeds) == 0)
+            spare = jax.tree.map(jnp.copy, state)  # the steps donate the state they get
             many = SeedsRun(rule, optimizer, state, x, y, batch_size)
             if name in seed_rules:
                 one = SeedsRun(rule, optimizer, first, x, y, batch_size)
-                results["seeds"].append(_seeds_row(name, one, many, settings))
+                other_loop = "map" if many.loop == "vmap" else "vmap"
+                other = SeedsRun(rule, optimizer, spare, x, y, batch_size, other_loop)
+                results["seeds"].append(_seeds_row(name, one, many, other, settings))
             if name in epoch_rules:
                 results["epochs"].append(_epoch_row(name, many, settings))
         except Exception as error:  # noqa: BLE001 - a broken rule is reported, not fatal
@@ -674,12 +678,15 @@ class SeedsRun:
             call's time.
     """
 
-    def __init__(self, rule, optimizer, state, x, y, batch_size: int):
+    def __init__(self, rule, optimizer, state, x, y, batch_size: int, seed_loop: str = "auto"):
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.seeds_step = train.make_seeds_step(rule, optimizer)
-        self.state = state
+        self.seeds_step = train.make_seeds_step(rule, optimizer, seed_loop)
         seeds = jax.tree.leaves(state.step)[0].shape[0]
         indices = jnp.tile(jnp.arange(batch_size) % x.shape[0], (seeds, 1))
+        self.loop = seed_loop
+        if seed_loop == "auto":
+            self.loop = train.seed_loop_for(rule, optimizer, state, x, y, indices)
+        self.state = state
 
         def step():
             self.state, metrics = self.seeds_step(self.state, x, y, indices)
@@ -687,7 +694,9 @@ class SeedsRun:
 
         start = time.perf_counter()
         step()
-        self.stepper = Stepper(f"{seeds} seeds", step, time.perf_counter() - start)
+        self.stepper = Stepper(
+            f"{seeds} seeds ({seed_loop}: {self.loop})", step, time.perf_counter() - start
+        )
 
     def epoch(self, index: int, max_steps: int | None) -> tuple[float, int]:
         """Train one epoch with ``train.run_epoch``: (seconds, steps)."""
@@ -702,28 +711,39 @@ class SeedsRun:
         return time.perf_counter() - start, x.shape[0] // self.batch_size
 
 
-def _seeds_row(name, one: SeedsRun, many: SeedsRun, settings) -> dict[str, Any]:
+def _seeds_row(name, one: SeedsRun, many: SeedsRun, other: SeedsRun, settings) -> dict:
     """Time one seed against ``settings.seeds`` seeds, alternating.
 
-    The number of timed steps is ``settings.steps``, or as many as fit in
-    ``settings.seeds_budget_s`` seconds (at least 5) for a rule whose steps are slow.
+    ``one`` and ``many`` use ``seed_loop="auto"``, as ``compare`` does; ``other`` runs the
+    seeds with the loop that ``auto`` did not take, to show the choice. The number of timed
+    steps is ``settings.steps``, or as many as fit in ``settings.seeds_budget_s`` seconds
+    (at least 5) for a rule whose steps are slow.
     """
-    steppers = [one.stepper, many.stepper]
+    steppers = [one.stepper, many.stepper, other.stepper]
     start = time.perf_counter()
-    one.stepper.step()
-    many.stepper.step()
-    pair_seconds = time.perf_counter() - start
-    steps = min(settings.steps, max(5, int(settings.seeds_budget_s / pair_seconds)))
+    for stepper in steppers:
+        stepper.step()
+    round_seconds = time.perf_counter() - start
+    steps = min(settings.steps, max(5, int(settings.seeds_budget_s / round_seconds)))
     samples = time_round_robin(steppers, steps, settings.rounds, settings.warmup)
+
+    def ratio(run):
+        return paired_ratio(
+            round_medians_ms(samples[run.stepper.name]),
+            round_medians_ms(samples[one.stepper.name]),
+        )
+
     return {
         "rule": name,
         "seeds": settings.seeds,
+        "one_seed_loop": one.loop,
+        "loop": many.loop,
+        "other_loop": other.loop,
         "one_seed": summarize_times(flatten(samples[one.stepper.name])),
         "many_seeds": summarize_times(flatten(samples[many.stepper.name])),
-        "ratio": paired_ratio(
-            round_medians_ms(samples[many.stepper.name]),
-            round_medians_ms(samples[one.stepper.name]),
-        ),
+        "other_seeds": summarize_times(flatten(samples[other.stepper.name])),
+        "ratio": ratio(many),
+        "other_ratio": ratio(other),
     }
 
 
@@ -911,7 +931,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         for row in entry.get("seeds", []):
             if row["rule"] == "bp":
                 targets.append(
-                    _target(f"{name}: {row['seeds']} seeds under vmap / 1 seed (bp)",
+                    _target(f"{name}: {row['seeds']} seeds / 1 seed (bp, {row['loop']})",
                             row["ratio"], 1.6, "x")
                 )
         local = entry.get("local_rules")
@@ -1058,12 +1078,18 @@ def _flop_lines(results) -> list[str]:
 
 def _seed_lines(entry) -> list[str]:
     rows = [
-        (r["rule"], _ms(r["one_seed"]["median_ms"]), _ms(r["many_seeds"]["median_ms"]),
-         f"{r['ratio']:.2f}", r["one_seed"]["steps"])
+        (r["rule"], _ms(r["one_seed"]["median_ms"]),
+         f"{_ms(r['many_seeds']['median_ms'])} ({r['loop']})", f"{r['ratio']:.2f}",
+         f"{_ms(r['other_seeds']['median_ms'])} ({r['other_loop']})", f"{r['other_ratio']:.2f}",
+         r["one_seed"]["steps"])
         for r in entry.get("seeds", [])
     ]
     seeds = entry["seeds"][0]["seeds"] if entry.get("seeds") else "N"
-    return _table(("rule", "1 seed ms", f"{seeds} seeds ms", "ratio", "timed steps"), rows)
+    return _table(
+        ("rule", "1 seed ms", f"{seeds} seeds ms, auto loop", "ratio",
+         f"{seeds} seeds ms, other loop", "ratio", "timed steps"),
+        rows,
+    )
 
 
 def _epoch_lines(entry) -> list[str]:
@@ -1137,7 +1163,7 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
             "### Step time per rule and peer",
             "",
             *_step_lines(entry),
-            f"### {name}: seeds under vmap",
+            f"### {name}: seeds in one compiled step (`train.make_seeds_step`)",
             "",
             *_seed_lines(entry),
             f"### {name}: training loop (`train.run_epoch`)",
@@ -1210,7 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="folder with MNIST t10k IDX files for W2")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch, BioTorch, evosax")
     parser.add_argument("--seeds", type=int, default=defaults.seeds,
-                        help="seeds under vmap, against one (default 3)")
+                        help="seeds in one step, against one seed (default 3)")
     parser.add_argument("--seed-rules", type=_names,
                         help="rules of the seeds measurement (default: all)")
     parser.add_argument("--epoch-rules", type=_names, default=defaults.epoch_rules,

@@ -1,4 +1,4 @@
-"""The ``bpalt`` command: ``compare``, ``train`` and ``table``.
+"""The ``bpalt`` command: ``compare``, ``train``, ``table`` and ``bench``.
 
 Bad input (an unknown rule, data set or optimizer, a non-positive count or learning rate,
 a missing data directory or file, a shape mismatch) prints one line naming the value and
@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = commands.add_parser("table", help="re-render the tables and plots of a results folder")
     table.add_argument("results_dir", help="folder holding results.jsonl")
+
+    commands.add_parser(
+        "bench",
+        add_help=False,
+        help="time every rule against a hand-written JAX step and peer libraries "
+        "(bpalt bench --help lists its options)",
+    )
     return parser
 
 
@@ -151,6 +158,12 @@ def main(argv=None) -> int:
     # threads competing with XLA's on a 2-core CPU; one BLAS thread is the faster setting.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["bench"]:
+        from bpalt import bench
+
+        command = "bpalt " + " ".join(shlex.quote(a) for a in arguments)
+        return bench.main(arguments[1:], command=command)
     parser = build_parser()
     args = parser.parse_args(argv)
     if argv is not None:

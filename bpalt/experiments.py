@@ -140,7 +140,7 @@ def _to_float(value) -> float | None:
 
 
 class RuleRunner:
-    """Trains all seeds of one rule under one ``vmap`` and reports each epoch."""
+    """Trains all seeds of one rule in one compiled step and reports each epoch."""
 
     def __init__(self, spec: config.RunSpec, comparison: config.Comparison, network, dataset):
         self.spec = spec

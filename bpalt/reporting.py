@@ -181,7 +181,7 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             f"seeds {comparison.get('seeds')}. Accuracy is the mean ± standard deviation over "
             "seeds of the final test accuracy; seconds per epoch and milliseconds per step "
             "are medians over epochs after the first (which includes compilation), for all "
-            "seeds together under one vmap; the cosine is the mean of `update_cosine` over "
+            "seeds together in one compiled step; the cosine is the mean of `update_cosine` over "
             "blocks, seeds and logged steps.",
             "",
         ]

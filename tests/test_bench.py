@@ -67,6 +67,9 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
         assert row["steps"] == 2
         assert row["median_ms"] > 0
     assert [row["rule"] for row in results["workloads"]["W1"]["seeds"]] == ["bp"]
+    seeds_row = results["workloads"]["W1"]["seeds"][0]
+    assert {seeds_row["loop"], seeds_row["other_loop"]} == {"vmap", "map"}
+    assert seeds_row["one_seed_loop"] == "map"
     assert results["workloads"]["W1"]["epochs"][0]["steps_per_epoch"] == 2
     assert any(t["target"] == "W1: bp / hand-written JAX step" for t in results["targets"])
 

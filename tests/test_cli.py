@@ -127,3 +127,24 @@ def test_out_is_a_file_rejected(tmp_path, capsys):
 
     assert status == 2
     assert "is an existing file" in capsys.readouterr().err
+
+
+def test_bench_subcommand_runs_the_benchmark(tmp_path, capsys):
+    out = tmp_path / "bench"
+    arguments = [
+        "bench", "--workloads", "W1", "--rules", "bp", "--steps", "2", "--rounds", "1",
+        "--warmup", "0", "--batch-size", "4", "--no-peers", "--seeds", "2", "--es-population",
+        "4", "--local-batch", "0", "--ntk-examples", "0", "--matmul-size", "64", "--epochs", "0",
+        "--quiet", "--out", str(out),
+    ]
+    assert cli.main(arguments) == 0
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    assert recorded["command"] == "bpalt " + " ".join(arguments)
+    assert [row["name"] for row in recorded["workloads"]["W1"]["steps"]["rows"]][:2] == [
+        "jax.grad + optax", "bp"
+    ]
+
+
+def test_bench_subcommand_bad_input(capsys):
+    assert cli.main(["bench", "--workloads", "W9"]) == 2
+    assert "unknown workload 'W9'" in capsys.readouterr().err

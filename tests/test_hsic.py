@@ -290,3 +290,19 @@ def test_constructor_rejects_single_block_network():
     network = nn.Network([nn.serial(nn.flatten, nn.dense(10))], (8, 8, 1))
     with pytest.raises(ValueError, match="at least 2 blocks"):
         rules.get("hsic", network)
+
+
+@pytest.mark.parametrize("size", [5, 100, 257])
+def test_spd_inverse_matches_numpy(size):
+    rng = np.random.default_rng(size)
+    factor = rng.normal(size=(size, size))
+    matrix = factor @ factor.T / size + 0.1 * np.eye(size)
+    expected = np.linalg.inv(matrix)
+
+    inverse = np.asarray(hsic.spd_inverse(jnp.asarray(matrix, jnp.float32)), np.float64)
+    tolerance = 2e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(inverse, expected, rtol=0, atol=tolerance)
+
+    stacked = jnp.asarray(np.stack([matrix, 2.0 * matrix]), jnp.float32)
+    batched = np.asarray(jax.vmap(hsic.spd_inverse)(stacked), np.float64)
+    np.testing.assert_allclose(batched[1], expected / 2.0, rtol=0, atol=tolerance)

@@ -55,9 +55,9 @@ def seeds_state(fa_rule, network, optimizer):
     return train.init_seeds(fa_rule, network, optimizer, SEEDS)
 
 
-@pytest.fixture(scope="module")
-def seeds_step(fa_rule, optimizer):
-    return train.make_seeds_step(fa_rule, optimizer)
+@pytest.fixture(scope="module", params=["vmap", "map"])
+def seeds_step(request, fa_rule, optimizer):
+    return train.make_seeds_step(fa_rule, optimizer, seed_loop=request.param)
 
 
 # --- One step ---------------------------------------------------------------------------------
@@ -178,6 +178,40 @@ def test_non_finite_update_keeps_last_finite_params(seeds_state, seeds_step, dat
     for leaf, start_leaf in zip(jax.tree.leaves(state.params), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(leaf[0]), start_leaf[0])
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_largest_intermediate_bytes_closed_form():
+    def fn(a, b):
+        outer = a[:, None] * b[None, :]  # (1000, 300) float32: the largest array
+        return jnp.sum(outer, axis=0) + jax.jit(lambda v: v * 2.0)(b)
+
+    a = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    b = jax.ShapeDtypeStruct((300,), jnp.float32)
+    assert train.largest_intermediate_bytes(fn, a, b) == 1000 * 300 * 4
+
+    def nested(a):
+        return jax.jit(lambda v: jnp.outer(v, v).sum())(a)
+
+    assert train.largest_intermediate_bytes(nested, a) == 1000 * 1000 * 4
+
+
+def test_auto_seed_loop_follows_array_size(fa_rule, optimizer, seeds_state, data):
+    x, y = data
+
+    def loop(state, indices):
+        return train.seed_loop_for(fa_rule, optimizer, state, x, y, indices)
+
+    small = jnp.zeros((3, BATCH), jnp.int32)
+    assert loop(seeds_state, small) == "vmap"
+    assert loop(_seed(seeds_state, slice(0, 1)), small[:1]) == "map"
+    # 64 * 2**10 examples of 8x8 inputs: the gathered batch alone is 16 MiB.
+    large = jnp.zeros((3, 64 * 2**10), jnp.int32)
+    assert loop(seeds_state, large) == "map"
+
+
+def test_unknown_seed_loop_raises(fa_rule, optimizer):
+    with pytest.raises(ValueError, match="seed_loop 'pmap'.*auto, vmap, map"):
+        train.make_seeds_step(fa_rule, optimizer, seed_loop="pmap")
 
 
 def test_select_seeds(seeds_state):
