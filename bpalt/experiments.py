@@ -4,7 +4,9 @@ Output folder:
 
 - ``config.json``: the resolved comparison; a rerun with another config is rejected.
 - ``results.jsonl``: JSON lines appended and flushed as each epoch ends. A line with
-  ``"record": "epoch"`` exists per rule, seed and epoch; its ``status`` is ``running`` until
+  ``"record": "epoch"`` exists per rule, seed and epoch (with the rule's held-out measures,
+  if it registered any, in ``held_out/<name>``, and their values at initialisation in
+  ``held_out_init/<name>`` at epoch 0); its ``status`` is ``running`` until
   the run's last epoch (``finished``), or ``diverged`` at the epoch where its loss became
   non-finite (the run then stops), or ``failed`` with the error when the rule raised. Lines
   with ``"record": "diagnostics"`` hold the diagnostics (``bpalt.diagnostics``) of one seed
@@ -38,6 +40,8 @@ from bpalt import checkpoint, config, data, diagnostics, losses, reporting, rule
 
 logger = logging.getLogger(__name__)
 DIAGNOSTIC_BATCH = 256
+HELD_OUT_EXAMPLES = 2048
+"""Test examples (the first ones) on which a rule's held-out measures are taken."""
 TERMINAL = ("finished", "diverged")
 
 
@@ -160,6 +164,12 @@ class RuleRunner:
         self.y_test = jnp.asarray(dataset.y_test)
         size = min(DIAGNOSTIC_BATCH, dataset.x_train.shape[0])
         self.diagnostic_batch = (self.x_train[:size], self.y_train[:size])
+        self.held_out = rules.held_out_evaluator(
+            spec.rule, network, self.loss, **spec.hyperparameters
+        )
+        self.held_out_batch = (
+            self.x_test[:HELD_OUT_EXAMPLES], np.asarray(dataset.y_test[:HELD_OUT_EXAMPLES])
+        )
 
     def initial_state(self):
         return train.init_seeds(self.rule, self.network, self.optimizer, self.seeds)
@@ -191,6 +201,17 @@ class RuleRunner:
         seconds = time.perf_counter() - start - paused
         return state, metrics, seconds, steps, diagnosed
 
+    def held_out_measures(self, state) -> list[dict[str, float]]:
+        """The rule's held-out measures per seed (empty dicts if it registered none)."""
+        if self.held_out is None:
+            return [{} for _ in self.seeds]
+        x, y = self.held_out_batch
+        measures = []
+        for index in range(len(self.seeds)):
+            one = jax.tree.map(lambda leaf, index=index: leaf[index], state)
+            measures.append(self.held_out(one.rule_state, one.params, x, y))
+        return measures
+
     def diagnose_state(self, state) -> dict[str, np.ndarray]:
         key = jax.random.key(0)
         metrics = self.diagnose(state.rule_state, state.params, self.diagnostic_batch, key)
@@ -214,9 +235,16 @@ class RuleRunner:
                 records.append(record)
         return records
 
-    def epoch_records(self, state, epoch, metrics, seconds, steps, was_diverged):
-        """Build one JSON record per seed still running at the start of this epoch."""
+    def epoch_records(
+        self, state, epoch, metrics, seconds, steps, was_diverged, initial_measures=None
+    ):
+        """Build one JSON record per seed still running at the start of this epoch.
+
+        Held-out measures go in ``held_out/<name>``; ``initial_measures`` (per seed, taken
+        before the first step) go in ``held_out_init/<name>``.
+        """
         accuracy, test_loss = self.evaluate(state, self.x_test, self.y_test)
+        measures = self.held_out_measures(state)
         diverged = np.asarray(state.diverged)
         final = epoch == self.spec.epochs - 1
         records = []
@@ -244,6 +272,11 @@ class RuleRunner:
             for name, values in metrics.items():
                 if name != "loss":
                     record[f"train/{name}"] = _to_float(values[index])
+            for name, value in measures[index].items():
+                record[f"held_out/{name}"] = _to_float(value)
+            if initial_measures is not None:
+                for name, value in initial_measures[index].items():
+                    record[f"held_out_init/{name}"] = _to_float(value)
             if status == "diverged":
                 record["diverged_step"] = int(np.asarray(state.diverged_step)[index])
             records.append(record)
@@ -268,12 +301,16 @@ def run_rule(runner: RuleRunner, out: Path, log: ResultsLog, progress=None) -> N
         if progress is not None:
             progress.update(first_epoch)
 
+    initial_measures = runner.held_out_measures(state) if first_epoch == 0 else None
     for epoch in range(first_epoch, spec.epochs):
         was_diverged = np.asarray(state.diverged).copy()
         state, metrics, seconds, steps, diagnosed = runner.train_epoch(state, epoch)
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         records = runner.diagnostic_records(epoch, diagnosed, was_diverged)
-        records += runner.epoch_records(state, epoch, metrics, seconds, steps, was_diverged)
+        records += runner.epoch_records(
+            state, epoch, metrics, seconds, steps, was_diverged,
+            initial_measures if epoch == 0 else None,
+        )
         log.append(records)
         checkpoint.save(path, state, {"epoch": epoch})
         if progress is not None:

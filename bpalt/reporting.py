@@ -97,9 +97,60 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "diverged_epochs": sorted(r["epoch"] for r in ends if r["status"] == "diverged"),
                 "errors": sorted({r["error"] for r in ends if r.get("error")}),
                 "epochs": max((r["epoch"] for r in ends), default=-1) + 1,
+                "held_out": _held_out_summary(rule_records, ok),
             }
         )
     return rows
+
+
+def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
+    """Mean and std over finished seeds of each held-out measure, at initialisation and end."""
+    seeds = {r["seed"] for r in finished}
+    initial = {
+        r["seed"]: r for r in rule_records if r["epoch"] == 0 and r["seed"] in seeds
+    }
+    names = sorted(
+        {k.split("/", 1)[1] for r in finished for k in r if k.startswith("held_out/")}
+    )
+    summary = {}
+    for name in names:
+        final = [r.get(f"held_out/{name}") for r in finished]
+        start = [r.get(f"held_out_init/{name}") for r in initial.values()]
+        final = [v for v in final if v is not None]
+        start = [v for v in start if v is not None]
+        summary[name] = {
+            "init_mean": float(np.mean(start)) if start else math.nan,
+            "init_std": float(np.std(start)) if start else math.nan,
+            "final_mean": float(np.mean(final)) if final else math.nan,
+            "final_std": float(np.std(final)) if final else math.nan,
+        }
+    return summary
+
+
+HELD_OUT_COLUMNS = ("rule", "measure", "at initialisation", "after training", "change (%)")
+
+
+def held_out_rows(rows) -> list[list[str]]:
+    """Cells of the held-out measures table: one line per rule and measure."""
+    cells = []
+    for row in rows:
+        for name, values in row.get("held_out", {}).items():
+            start, end = values["init_mean"], values["final_mean"]
+            change = 100.0 * (end - start) / abs(start) if start else math.nan
+            cells.append(
+                [
+                    row["rule"],
+                    name,
+                    _mean_std(start, values["init_std"]),
+                    _mean_std(end, values["final_std"]),
+                    _format(change, 1),
+                ]
+            )
+    return cells
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
 
 
 def _mean_or_nan(values) -> float:
@@ -186,6 +237,15 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             "",
         ]
     lines += [markdown_table(rows), ""]
+    held_out = held_out_rows(rows)
+    if held_out:
+        lines += [
+            "Held-out measures (mean ± std over finished seeds, on up to the first 2048 "
+            "test examples; each rule registers its own):",
+            "",
+            tabulate(held_out, headers=HELD_OUT_COLUMNS, tablefmt="github"),
+            "",
+        ]
     errors = [(row["rule"], e) for row in rows for e in row["errors"]]
     if errors:
         lines += ["Failed rules:", ""] + [f"- `{rule}`: {error}" for rule, error in errors]

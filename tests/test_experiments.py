@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
-from bpalt import config, experiments
+from bpalt import checkpoint, config, experiments, rules, train
 
 TIMING = ("epoch_seconds", "ms_per_step")
 SMALL = """
@@ -150,3 +152,55 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     keys = [(r["rule"], r["seed"], r["epoch"]) for r in final]
     assert len(keys) == len(set(keys))
     assert _without_timing(_all_records(killed)) == _without_timing(_all_records(reference))
+
+
+def _held_out_reference(comparison, rule_name, state, index):
+    """The rule's registered measure on seed ``index`` of ``state``, computed directly."""
+    dataset = experiments.load_dataset(comparison)
+    network = config.build_network(comparison, dataset.input_shape, dataset.num_classes)
+    evaluate = rules.held_out_evaluator(rule_name, network)
+    one = jax.tree.map(lambda leaf: leaf[index], state)
+    x = dataset.x_test[: experiments.HELD_OUT_EXAMPLES]
+    y = dataset.y_test[: experiments.HELD_OUT_EXAMPLES]
+    return evaluate(one.rule_state, one.params, x, y)
+
+
+@pytest.mark.parametrize(
+    "rule_name, model, measure",
+    [
+        ("gim", {"name": "digits_cnn", "channels": [4, 8]}, "infonce"),
+        ("hsic", {"name": "mlp", "hidden": [16, 10]}, "unformatted_accuracy"),
+    ],
+)
+def test_held_out_measures_recorded_and_summarised(tmp_path, rule_name, model, measure):
+    out = tmp_path / "run"
+    settings = {"rules": [rule_name], "epochs": 2, "seeds": 2, "model": model}
+    comparison = config.make_comparison(settings, {})
+    rows = experiments.compare(comparison, out, show_progress=False)
+
+    records = [r for r in _records(out) if r["rule"] == rule_name]
+    baseline = [r for r in _records(out) if r["rule"] == "random_features"]
+    assert baseline and not any(k.startswith("held_out") for r in baseline for k in r)
+
+    dataset = experiments.load_dataset(comparison)
+    network = config.build_network(comparison, dataset.input_shape, dataset.num_classes)
+    spec = next(s for s in comparison.runs() if s.rule == rule_name)
+    rule = rules.get(rule_name, network, **spec.hyperparameters)
+    initial = train.init_seeds(rule, network, spec.make_optimizer(), comparison.seeds)
+    final, _ = checkpoint.load(out / "checkpoints" / f"{rule_name}.msgpack", initial)
+    for index, seed in enumerate(comparison.seeds):
+        first = next(r for r in records if r["seed"] == seed and r["epoch"] == 0)
+        last = next(r for r in records if r["seed"] == seed and r["epoch"] == 1)
+        expected_initial = _held_out_reference(comparison, rule_name, initial, index)
+        expected_final = _held_out_reference(comparison, rule_name, final, index)
+        assert first[f"held_out_init/{measure}"] == pytest.approx(expected_initial[measure])
+        assert last[f"held_out/{measure}"] == pytest.approx(expected_final[measure])
+        assert f"held_out_init/{measure}" not in last
+
+    row = next(r for r in rows if r["rule"] == rule_name)
+    finals = [r[f"held_out/{measure}"] for r in records if r["epoch"] == 1]
+    assert row["held_out"][measure]["final_mean"] == pytest.approx(np.mean(finals))
+    summary = (out / "summary.md").read_text()
+    assert "Held-out measures" in summary and f"| {rule_name}" in summary
+    if measure == "unformatted_accuracy":
+        assert all(0.0 <= value <= 1.0 for value in finals)

@@ -306,3 +306,15 @@ def test_spd_inverse_matches_numpy(size):
     stacked = jnp.asarray(np.stack([matrix, 2.0 * matrix]), jnp.float32)
     batched = np.asarray(jax.vmap(hsic.spd_inverse)(stacked), np.float64)
     np.testing.assert_allclose(batched[1], expected / 2.0, rtol=0, atol=tolerance)
+
+
+def test_held_out_unformatted_accuracy_only_when_widths_match(cnn, digits_batch):
+    assert rules.held_out_evaluator("hsic", cnn) is None
+    assert rules.held_out_evaluator("bp", cnn) is None
+
+    network = models.mlp((8, 8, 1), [16, 10])
+    evaluate = rules.held_out_evaluator("hsic", network, sigma=3.0)
+    params = network.init(jax.random.key(0))
+    x, y = digits_batch
+    expected = unformatted_accuracy(hidden_representation(network, params, x), y, 10)
+    assert evaluate(None, params, x, y) == {"unformatted_accuracy": expected}

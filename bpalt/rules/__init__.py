@@ -26,6 +26,7 @@ from bpalt.rules.random_features import random_features as random_features
 from bpalt.rules.registry import (
     constructor,
     get,
+    held_out_evaluator,
     hyperparameters,
     names,
     register,
@@ -49,6 +50,7 @@ __all__ = [
     "feedback_alignment",
     "get",
     "greedy_infomax",
+    "held_out_evaluator",
     "hsic_bottleneck",
     "hyperparameters",
     "names",

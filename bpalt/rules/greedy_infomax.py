@@ -147,9 +147,33 @@ def _check_hyperparameters(network, prediction_steps, skip, num_negatives, learn
     return fit_module_grids(network, prediction_steps, skip)
 
 
+HELD_OUT_KEY = 0
+"""Seed of the negatives drawn by the held-out InfoNCE measure, fixed so that the values at
+initialisation and after training are comparable."""
+
+
+def held_out_infonce(network: Network, loss=losses.softmax_cross_entropy, **hyperparameters):
+    """``evaluate(rule_state, params, x, y) -> {"infonce": ..., "infonce/<block>": ...}``.
+
+    The registered held-out measure of ``gim``: ``infonce_evaluator`` with the negatives of
+    a fixed key, as Python floats; ``y`` is unused. The value depends on the batch size of
+    ``x``, so compare values measured on the same inputs.
+    """
+    del loss
+    evaluate = jax.jit(infonce_evaluator(network, **hyperparameters))
+    key = jax.random.key(HELD_OUT_KEY)
+
+    def held_out(rule_state, params, x, y):
+        del y
+        return {name: float(value) for name, value in evaluate(rule_state, params, x, key).items()}
+
+    return held_out
+
+
 @register(
     "gim",
     training={"epochs": 60, "batch_size": 32, "optimizer": "adam", "learning_rate": 1e-3},
+    evaluator=held_out_infonce,
 )
 def greedy_infomax(
     network: Network,

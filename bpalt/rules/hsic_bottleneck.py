@@ -223,9 +223,35 @@ def freeze_hidden_after(optimizer: optax.GradientTransformation, steps: int):
     return optax.GradientTransformation(init, update)
 
 
+def held_out_unformatted_accuracy(
+    network: Network, loss=losses.softmax_cross_entropy, **hyperparameters
+):
+    """``evaluate(rule_state, params, x, y) -> {"unformatted_accuracy": float}``, or ``None``.
+
+    The registered held-out measure of ``hsic``: ``unformatted_accuracy`` of the last hidden
+    block on ``(x, y)``. It applies only when that block has one unit per class; for any
+    other network this returns ``None``, since argmax over its units names no class.
+    """
+    del loss, hyperparameters
+    num_classes = int(np.prod(network.output_shape))
+    if int(np.prod(network.block_shapes[-2])) != num_classes:
+        return None
+    represent = jax.jit(lambda params, x: hidden_representation(network, params, x))
+
+    def held_out(rule_state, params, x, y):
+        del rule_state
+        outputs = np.asarray(represent(params, x))
+        if not np.all(np.isfinite(outputs)):
+            return {"unformatted_accuracy": float("nan")}
+        return {"unformatted_accuracy": unformatted_accuracy(outputs, y, num_classes)}
+
+    return held_out
+
+
 @register(
     "hsic",
     training={"epochs": 80, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3},
+    evaluator=held_out_unformatted_accuracy,
 )
 def hsic_bottleneck(
     network: Network,

@@ -15,10 +15,16 @@ from bpalt.rules.base import UpdateRule
 
 _REGISTRY: dict[str, Callable[..., UpdateRule]] = {}
 _TRAINING: dict[str, dict[str, object]] = {}
+_EVALUATORS: dict[str, Callable] = {}
 TRAINING_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate")
 
 
-def register(name: str, *, training: dict[str, object] | None = None):
+def register(
+    name: str,
+    *,
+    training: dict[str, object] | None = None,
+    evaluator: Callable | None = None,
+):
     """Decorator adding a rule constructor to the registry under ``name``.
 
     Args:
@@ -26,6 +32,12 @@ def register(name: str, *, training: dict[str, object] | None = None):
         training: the rule's recommended training settings on the default CNN and digits,
             a subset of ``epochs``, ``batch_size``, ``optimizer`` and ``learning_rate``; a
             comparison uses them unless the user sets those values.
+        evaluator: optional ``(network, loss, **hyperparameters) -> evaluate or None``,
+            taking the same hyperparameters as the constructor. ``evaluate(rule_state,
+            params, x, y) -> {name: float}`` measures one run on held-out data, beyond test
+            accuracy (e.g. Greedy InfoMax's InfoNCE loss); ``None`` means that nothing
+            applies to this network. ``bpalt compare`` records the measures at
+            initialisation and after every epoch.
     """
     training = dict(training or {})
     unknown = sorted(set(training) - set(TRAINING_KEYS))
@@ -37,6 +49,8 @@ def register(name: str, *, training: dict[str, object] | None = None):
             raise ValueError(f"a rule named {name!r} is already registered")
         _REGISTRY[name] = constructor
         _TRAINING[name] = training
+        if evaluator is not None:
+            _EVALUATORS[name] = evaluator
         return constructor
 
     return decorate
@@ -85,3 +99,16 @@ def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs
             f"accepted: {', '.join(accepted) or 'none'}"
         )
     return build(network, losses.get(loss), **kwargs)
+
+
+def held_out_evaluator(
+    name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs
+) -> Callable | None:
+    """Build rule ``name``'s held-out ``evaluate(rule_state, params, x, y) -> {name: float}``
+    for one run, or return ``None`` when the rule registered none or none applies to
+    ``network``. ``kwargs`` are the rule's hyperparameters, checked as by ``get``."""
+    factory = _EVALUATORS.get(name)
+    if factory is None:
+        return None
+    get(name, network, loss, **kwargs)
+    return factory(network, losses.get(loss), **kwargs)
