@@ -70,6 +70,7 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     seeds_row = results["workloads"]["W1"]["seeds"][0]
     assert {seeds_row["loop"], seeds_row["other_loop"]} == {"vmap", "map"}
     assert seeds_row["one_seed_loop"] == "map"
+    assert seeds_row["wide_batch"] == 2 * TINY["batch_size"]
     assert results["workloads"]["W1"]["epochs"][0]["steps_per_epoch"] == 2
     assert any(t["target"] == "W1: bp / hand-written JAX step" for t in results["targets"])
 
