@@ -130,7 +130,7 @@ def _guarded_step(step_fn: Callable, state: TrainState, batch) -> tuple[TrainSta
 SEED_LOOPS = ("auto", "vmap", "map")
 
 MAP_THRESHOLD_BYTES = 2 * 2**20
-"""``seed_loop="auto"`` runs seeds one after another once one seed's step holds an array
+"""``seed_loop="auto"`` runs seeds one after another once one seed's step creates an array
 larger than this. On the 2-core CPU where it was chosen, three seeds of LeNet at batch 128
 (largest array 7.4 MB, the first layer's patches) took 41 ms under ``vmap`` and 18 ms under
 ``lax.map``; the digits CNN at batch 64 (largest array 0.6 MB) took 2.1 ms under ``vmap``
@@ -179,8 +179,8 @@ def make_seeds_step(
 
     ``seed_loop`` sets how the seeds run inside the one compiled call: ``"vmap"`` batches
     them into one step, ``"map"`` runs them one after another (``lax.map``), and ``"auto"``
-    (the default) takes ``"map"`` for a single seed or when one seed's step holds an array
-    larger than ``MAP_THRESHOLD_BYTES``, ``"vmap"`` otherwise. All three give the same
+    (the default) takes ``"map"`` for a single seed or when one seed's step creates an array
+    larger than ``MAP_THRESHOLD_BYTES``, and ``"vmap"`` otherwise. All three give the same
     result. Batching seeds pays off while a step's arrays fit in the caches; beyond that
     it multiplies the memory traffic.
     """
