@@ -717,11 +717,11 @@ def _seeds_row(name, one: SeedsRun, many: SeedsRun, other: SeedsRun, wide: Seeds
                settings) -> dict:
     """Time one seed against ``settings.seeds`` seeds, alternating.
 
-    ``one`` and ``many`` use ``seed_loop="auto"``, as ``compare`` does; ``other`` runs the
-    seeds with the loop that ``auto`` did not take, to show the choice; ``wide`` is one seed
-    at ``settings.seeds`` times the batch, the same arithmetic as the seeds in one step
-    without a seed axis. The number of timed steps is ``settings.steps``, or as many as fit
-    in ``settings.seeds_budget_s`` seconds (at least 5) for a rule whose steps are slow.
+    ``one`` and ``many`` use ``seed_loop="auto"``, as ``compare`` does. ``other`` runs the
+    seeds with the loop that ``auto`` did not take, to show the choice. ``wide`` is one seed
+    at ``settings.seeds`` times the batch: the same arithmetic as the seeds, without a seed
+    axis. The number of timed steps is ``settings.steps``, or as many as fit in
+    ``settings.seeds_budget_s`` seconds (at least 5) for a rule whose steps are slow.
     """
     for run in (many, other, wide):
         run.stepper.name = f"{run.stepper.name}, batch {run.batch_size}"

@@ -202,14 +202,14 @@ class RuleRunner:
         return state, metrics, seconds, steps, diagnosed
 
     def held_out_measures(self, state) -> list[dict[str, float]]:
-        """The rule's held-out measures per seed (empty dicts if it registered none)."""
+        """Measure the rule's held-out measures per seed (empty dicts if it registered none)."""
         if self.held_out is None:
             return [{} for _ in self.seeds]
         x, y = self.held_out_batch
         measures = []
         for index in range(len(self.seeds)):
-            one = jax.tree.map(lambda leaf, index=index: leaf[index], state)
-            measures.append(self.held_out(one.rule_state, one.params, x, y))
+            seed_state = jax.tree.map(lambda leaf, index=index: leaf[index], state)
+            measures.append(self.held_out(seed_state.rule_state, seed_state.params, x, y))
         return measures
 
     def diagnose_state(self, state) -> dict[str, np.ndarray]:

@@ -229,8 +229,8 @@ def held_out_unformatted_accuracy(
     """``evaluate(rule_state, params, x, y) -> {"unformatted_accuracy": float}``, or ``None``.
 
     The registered held-out measure of ``hsic``: ``unformatted_accuracy`` of the last hidden
-    block on ``(x, y)``. It applies only when that block has one unit per class; for any
-    other network this returns ``None``, since argmax over its units names no class.
+    block on ``(x, y)``. It applies only when that block has one unit per class. For any
+    other network this returns ``None``, because argmax over its units names no class.
     """
     del loss, hyperparameters
     num_classes = int(np.prod(network.output_shape))
