@@ -49,6 +49,59 @@ def digits_cnn(
     return nn.Network(blocks, input_shape)
 
 
+def patch_cnn(
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+    patch: int = 8,
+    stride: int = 4,
+    channels: Sequence[int] = (32, 16),
+    kernel: int = 1,
+    w_init="he_normal",
+    activation: nn.Layer | str = nn.relu,
+) -> nn.Network:
+    """A CNN whose first block encodes overlapping image patches, for Greedy InfoMax.
+
+    Block 0: conv ``patch x patch``, stride ``stride``, VALID, ``channels[0]``, activation.
+    Each cell of its output grid encodes one image patch. With the defaults on 28x28 inputs
+    the grid is 6x6, of 8x8 patches that overlap their neighbours by half.
+    Blocks 1 and later: conv ``kernel x kernel``, stride 1, SAME, ``channels[i]``,
+    activation, on the same grid. With the default ``kernel = 1`` every block encodes each
+    patch on its own, as the authors' encoder did. With ``kernel = 3`` each block widens a
+    cell's view by ``2 * stride`` pixels.
+    Last block: flatten, dense ``num_classes`` (LeCun normal).
+    Output shapes with the defaults: (6, 6, 32), (6, 6, 16), (10,).
+
+    Why: Greedy InfoMax predicts cells some rows below each cell of a block's output grid.
+    On ``digits_cnn`` at 28x28, block 0's cells see 4x4 pixels, from which the cells 2 to 6
+    rows below are close to unpredictable. The authors instead cut each image into
+    half-overlapping patches, encoded each patch separately and predicted the patches rows
+    below; the strided first convolution and the 1x1 later blocks do the same. With
+    ``kernel = 3``, block 1's context and target cells share pixels at the nearer offsets:
+    on MNIST its InfoNCE loss fell from 3.0 to 0.2 within 15 epochs, and the read-out
+    scored below random features. ``w_init`` (an initializer or its name) sets the
+    convolution kernels only.
+    """
+    activation = get_activation(activation)
+    channels = list(channels)
+    if not channels:
+        raise ValueError(
+            "patch_cnn needs at least one hidden block, but channels is empty; "
+            "give one channel count per hidden block"
+        )
+    blocks = [
+        nn.serial(
+            nn.conv2d(channels[0], patch, stride=stride, padding="VALID", w_init=w_init),
+            activation,
+        )
+    ]
+    blocks += [
+        nn.serial(nn.conv2d(c, kernel, padding="SAME", w_init=w_init), activation)
+        for c in channels[1:]
+    ]
+    blocks.append(nn.serial(nn.flatten, nn.dense(num_classes, w_init="lecun_normal")))
+    return nn.Network(blocks, input_shape)
+
+
 def lenet(
     input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, w_init="he_normal"
 ) -> nn.Network:
@@ -118,4 +171,10 @@ def akrout_mlp(
     )
 
 
-MODELS = {"digits_cnn": digits_cnn, "lenet": lenet, "mlp": mlp, "akrout_mlp": akrout_mlp}
+MODELS = {
+    "digits_cnn": digits_cnn,
+    "patch_cnn": patch_cnn,
+    "lenet": lenet,
+    "mlp": mlp,
+    "akrout_mlp": akrout_mlp,
+}
