@@ -51,7 +51,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from bpalt import losses, nn, rules, train, workloads
+from bpalt import data, losses, nn, rules, train, workloads
 from bpalt.workloads import Workload
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -1153,7 +1153,9 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
         f"{results['load_average_start']}, at the end {results['load_average_end']}.",
         "",
         f"Times are medians of {results['settings']['steps']} timed steps per row, after "
-        f"compilation and warm-up, taken in {results['settings']['rounds']} rounds that "
+        f"compilation and warm-up, taken in "
+        f"{max(1, min(results['settings']['rounds'], results['settings']['steps']))} "
+        "round(s) that "
         "alternate between the rows of a workload. A ratio between two rows is the median "
         "over rounds of the ratio of their per-round medians, so each compares the rows "
         "under the same machine load. Memory is XLA's buffers for one step (arguments, "
@@ -1309,6 +1311,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _check_data_dir(settings: Settings) -> None:
+    """Load each workload's data set from ``settings.data_dir`` once, so that a missing or
+    incomplete folder is reported before any timing starts."""
+    if settings.data_dir is None:
+        return
+    for name in settings.workloads:
+        workload = workloads.get(name)
+        if workload.needs_data_dir:
+            data.load(workload.dataset, settings.data_dir)
+
+
 def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     """Run the benchmark from the command line; write ``--out``.md and ``--out``.json.
 
@@ -1319,7 +1332,8 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     try:
         settings = settings_from_args(args)
         _rule_names(settings)
-    except ValueError as error:
+        _check_data_dir(settings)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"bpalt bench: error: {error}", file=sys.stderr)
         return 2
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -20,13 +20,16 @@ from flax import serialization
 def write_atomic(path: str | Path, content: bytes | str) -> None:
     """Write ``content`` to a temporary file in the same folder, then rename it over ``path``.
 
-    A reader sees either the old file or the new one, never a partial write.
+    A reader sees either the old file or the new one, never a partial write. The file gets
+    the permissions of a plain ``open(path, "w")`` (0666 less the umask), not the 0600 of
+    ``tempfile.mkstemp``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = content.encode() if isinstance(content, str) else content
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as file:
             file.write(raw)
             file.flush()
@@ -35,6 +38,13 @@ def write_atomic(path: str | Path, content: bytes | str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask; reading it means setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_key(leaf) -> bool:

@@ -1,5 +1,7 @@
 """Checkpoints: exact msgpack round trips, no code execution, atomic writes."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +60,12 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
 
     assert path.read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_write_atomic_follows_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        checkpoint.write_atomic(tmp_path / "a.txt", "text")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640

@@ -148,3 +148,9 @@ def test_bench_subcommand_runs_the_benchmark(tmp_path, capsys):
 def test_bench_subcommand_bad_input(capsys):
     assert cli.main(["bench", "--workloads", "W9"]) == 2
     assert "unknown workload 'W9'" in capsys.readouterr().err
+
+
+def test_bench_subcommand_missing_data_dir(tmp_path, capsys):
+    arguments = ["bench", "--workloads", "W2", "--data-dir", str(tmp_path / "missing")]
+    assert cli.main(arguments) == 2
+    assert "data directory not found" in capsys.readouterr().err
