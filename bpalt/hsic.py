@@ -81,20 +81,26 @@ def hsic_from_centred(centred_x: jax.Array, centred_z: jax.Array) -> jax.Array:
     return jnp.sum(centred_x * centred_z) / (m - 1) ** 2
 
 
-@jax.custom_batching.custom_vmap
-def _inverse(matrix: jax.Array) -> jax.Array:
-    return jnp.linalg.inv(matrix)
+def _one_matrix_at_a_time(fn):
+    """Wrap ``fn`` (one matrix in, one out) so that under ``vmap`` it loops over the batch.
+
+    jaxlib 0.10.2 splits a batched LAPACK call into tasks on XLA:CPU's intra-op thread pool
+    and blocks until they finish. When as many batched calls run at once as the pool has
+    threads (two on a 2-core machine), every thread waits and the step hangs. Seeds under
+    vmap were enough to trigger it. Looping over the batch keeps each call unbatched, and
+    unbatched calls run inline.
+    """
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _loop(axis_size, in_batched, matrix):
+        del axis_size, in_batched
+        return jax.lax.map(wrapped, matrix), True
+
+    return wrapped
 
 
-@_inverse.def_vmap
-def _inverse_one_at_a_time(axis_size, in_batched, matrix):
-    # jaxlib 0.10.2 splits a batched LAPACK call into tasks on XLA:CPU's intra-op thread
-    # pool and blocks until they finish. When as many batched calls run at once as the
-    # pool has threads (two on a 2-core machine), every thread waits and the step hangs.
-    # Seeds under vmap were enough to trigger it. Looping over the batch keeps each call
-    # unbatched, and unbatched calls run inline.
-    del axis_size, in_batched
-    return jax.lax.map(_inverse, matrix), True
+_inverse = _one_matrix_at_a_time(jnp.linalg.inv)
 
 
 CHOLESKY_LEAF = 64
@@ -102,7 +108,7 @@ CHOLESKY_LEAF = 64
 
 
 def _cholesky_and_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(L, L^-1)`` with ``matrix = L L^T``, by recursive 2 x 2 blocks.
+    """Return ``(L, L^-1)`` with ``matrix = L L^T``, computed by recursive 2 x 2 blocks.
 
     With ``matrix = [[P, Q], [Q^T, S]]`` and ``P = L11 L11^T``: ``L21 = Q^T L11^-T``, the
     Schur complement ``S - L21 L21^T = L22 L22^T``, and ``L^-1`` has the blocks ``L11^-1``,
@@ -130,24 +136,25 @@ def _cholesky_and_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lower, inverse
 
 
-@jax.custom_batching.custom_vmap
-def spd_inverse(matrix: jax.Array) -> jax.Array:
-    """Inverse of a symmetric positive definite matrix: ``L^-T L^-1`` from a blocked Cholesky.
-
-    On a 2-core CPU, for 256 x 256 kernels of a batch of 256, this took 0.69 ms where
-    ``jnp.linalg.inv`` (LU) took 1.37 ms and an unblocked Cholesky 1.01 ms, with the same
-    accuracy. Under ``vmap`` the matrices are inverted one at a time (see ``_inverse``).
-
-    Shapes: (m, m) -> (m, m).
-    """
+def _spd_inverse_unbatched(matrix: jax.Array) -> jax.Array:
     _, inverse_lower = _cholesky_and_inverse(matrix)
     return inverse_lower.T @ inverse_lower
 
 
-@spd_inverse.def_vmap
-def _spd_inverse_one_at_a_time(axis_size, in_batched, matrix):
-    del axis_size, in_batched
-    return jax.lax.map(spd_inverse, matrix), True
+_spd_inverse = _one_matrix_at_a_time(_spd_inverse_unbatched)
+
+
+def spd_inverse(matrix: jax.Array) -> jax.Array:
+    """Invert a symmetric positive definite matrix as ``L^-T L^-1``, from a blocked Cholesky.
+
+    On a 2-core CPU, for 256 x 256 kernels of a batch of 256, this took 0.69 ms where
+    ``jnp.linalg.inv`` (LU) took 1.37 ms and an unblocked Cholesky 1.01 ms, with the same
+    accuracy. Under ``vmap`` the matrices are inverted one at a time (see
+    ``_one_matrix_at_a_time``).
+
+    Shapes: (m, m) -> (m, m).
+    """
+    return _spd_inverse(matrix)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -104,7 +104,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
-    """Mean and std over finished seeds of each held-out measure, at initialisation and end."""
+    """Summarise each held-out measure over finished seeds: mean and std at initialisation
+    and at the end."""
     seeds = {r["seed"] for r in finished}
     initial = {
         r["seed"]: r for r in rule_records if r["epoch"] == 0 and r["seed"] in seeds
@@ -131,7 +132,7 @@ HELD_OUT_COLUMNS = ("rule", "measure", "at initialisation", "after training", "c
 
 
 def held_out_rows(rows) -> list[list[str]]:
-    """Cells of the held-out measures table: one line per rule and measure."""
+    """Format the held-out measures table: one line per rule and measure."""
     cells = []
     for row in rows:
         for name, values in row.get("held_out", {}).items():
@@ -149,8 +150,8 @@ def held_out_rows(rows) -> list[list[str]]:
     return cells
 
 
-def _mean_std(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+def _mean_std(mean: float, std: float, digits: int = 4) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _mean_or_nan(values) -> float:
@@ -177,11 +178,7 @@ def table_rows(rows) -> list[list[str]]:
     """Format the summary rows as table cells."""
     cells = []
     for row in rows:
-        accuracy = (
-            "n/a"
-            if math.isnan(row["accuracy_mean"])
-            else f"{row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f}"
-        )
+        accuracy = _mean_std(row["accuracy_mean"], row["accuracy_std"], 2)
         cells.append(
             [
                 row["rule"],
