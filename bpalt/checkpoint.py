@@ -41,7 +41,7 @@ def write_atomic(path: str | Path, content: bytes | str) -> None:
 
 
 def _umask() -> int:
-    """The process's umask; reading it means setting it, so it is set back at once."""
+    """Return the process's umask. Reading it means setting it, so it is set back at once."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -75,7 +75,7 @@ def patch_cnn(
     On ``digits_cnn`` at 28x28, block 0's cells see 4x4 pixels, from which the cells 2 to 6
     rows below are close to unpredictable. The authors instead cut each image into
     half-overlapping patches, encoded each patch separately and predicted the patches rows
-    below; the strided first convolution and the 1x1 later blocks do the same. With
+    below. The strided first convolution and the 1x1 later blocks do the same. With
     ``kernel = 3``, block 1's context and target cells share pixels at the nearer offsets:
     on MNIST its InfoNCE loss fell from 3.0 to 0.2 within 15 epochs, and the read-out
     scored below random features. ``w_init`` (an initializer or its name) sets the

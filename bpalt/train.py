@@ -133,13 +133,16 @@ MAP_THRESHOLD_BYTES = 2 * 2**20
 """``seed_loop="auto"`` runs seeds one after another once one seed's step creates an array
 larger than this. On the 2-core CPU where it was chosen, three seeds of LeNet at batch 128
 (largest array 7.4 MB, the first layer's patches) took 41 ms under ``vmap`` and 18 ms under
-``lax.map``; the digits CNN at batch 64 (largest array 0.6 MB) took 2.1 ms under ``vmap``
-and 2.7 ms under ``lax.map``."""
+``lax.map``. Three seeds of the digits CNN at batch 64 (largest array 0.6 MB) took 2.1 ms
+under ``vmap`` and 2.7 ms under ``lax.map``."""
 
 
 def largest_intermediate_bytes(fn: Callable, *args) -> int:
-    """Bytes of the largest array that tracing ``fn(*args)`` creates (``args`` may be
-    ``jax.ShapeDtypeStruct``s); nested jaxprs (jit, custom derivatives, loops) included."""
+    """Return the size in bytes of the largest array that tracing ``fn(*args)`` creates.
+
+    ``args`` may be ``jax.ShapeDtypeStruct``s. Arrays inside nested jaxprs (jit, custom
+    derivatives, loops) count too.
+    """
 
     def walk(jaxpr) -> int:
         largest = 0
@@ -158,7 +161,7 @@ def largest_intermediate_bytes(fn: Callable, *args) -> int:
 
 
 def _jaxprs_in(value):
-    """The jaxprs held by one equation parameter."""
+    """Return the jaxprs that one equation parameter contains."""
     if isinstance(value, jax.extend.core.ClosedJaxpr):
         return [value.jaxpr]
     if isinstance(value, jax.extend.core.Jaxpr):
@@ -185,7 +188,9 @@ def make_seeds_step(
     it multiplies the memory traffic.
     """
     if seed_loop not in SEED_LOOPS:
-        raise ValueError(f"unknown seed_loop {seed_loop!r}; accepted: {', '.join(SEED_LOOPS)}")
+        raise ValueError(
+            f"invalid seed_loop {seed_loop!r}; expected one of {', '.join(SEED_LOOPS)}"
+        )
     one_seed = _one_seed_step(rule, optimizer)
 
     def by_vmap(state, x, y, indices):
@@ -204,7 +209,7 @@ def make_seeds_step(
 
 
 def _one_seed_step(rule: UpdateRule, optimizer: optax.GradientTransformation) -> Callable:
-    """``(state, x, y, indices) -> (state, metrics)`` for one seed, unjitted."""
+    """Build the unjitted ``(state, x, y, indices) -> (state, metrics)`` of one seed."""
     step_fn = make_train_step(rule, optimizer, jit=False)
 
     def one_seed(state, x, y, indices):
@@ -214,12 +219,12 @@ def _one_seed_step(rule: UpdateRule, optimizer: optax.GradientTransformation) ->
 
 
 def seed_loop_for(rule: UpdateRule, optimizer, state: TrainState, x, y, indices) -> str:
-    """The loop, ``"map"`` or ``"vmap"``, that ``seed_loop="auto"`` takes for these inputs."""
+    """Return the loop, ``"map"`` or ``"vmap"``, that ``seed_loop="auto"`` takes here."""
     return choose_seed_loop(_one_seed_step(rule, optimizer), state, x, y, indices)
 
 
 def choose_seed_loop(one_seed: Callable, state, x, y, indices) -> str:
-    """``"map"`` or ``"vmap"`` for ``seed_loop="auto"``, from shapes alone (see
+    """Choose ``"map"`` or ``"vmap"`` for ``seed_loop="auto"`` from shapes alone (see
     ``make_seeds_step``)."""
     if indices.shape[0] == 1:
         return "map"

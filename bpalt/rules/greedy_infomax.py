@@ -153,11 +153,11 @@ initialisation and after training are comparable."""
 
 
 def held_out_infonce(network: Network, loss=losses.softmax_cross_entropy, **hyperparameters):
-    """``evaluate(rule_state, params, x, y) -> {"infonce": ..., "infonce/<block>": ...}``.
+    """Build ``evaluate(rule_state, params, x, y) -> {"infonce": ..., "infonce/<block>": ...}``.
 
-    The registered held-out measure of ``gim``: ``infonce_evaluator`` with the negatives of
-    a fixed key, as Python floats; ``y`` is unused. The value depends on the batch size of
-    ``x``, so compare values measured on the same inputs.
+    This is the registered held-out measure of ``gim``: ``infonce_evaluator`` with the
+    negatives of a fixed key, returned as Python floats. ``y`` is unused. The value
+    depends on the batch size of ``x``, so compare values measured on the same inputs.
     """
     del loss
     evaluate = jax.jit(infonce_evaluator(network, **hyperparameters))

@@ -226,9 +226,10 @@ def freeze_hidden_after(optimizer: optax.GradientTransformation, steps: int):
 def held_out_unformatted_accuracy(
     network: Network, loss=losses.softmax_cross_entropy, **hyperparameters
 ):
-    """``evaluate(rule_state, params, x, y) -> {"unformatted_accuracy": float}``, or ``None``.
+    """Build ``evaluate(rule_state, params, x, y) -> {"unformatted_accuracy": float}``, or
+    return ``None``.
 
-    The registered held-out measure of ``hsic``: ``unformatted_accuracy`` of the last hidden
+    This is the registered held-out measure of ``hsic``: ``unformatted_accuracy`` of the last hidden
     block on ``(x, y)``. It applies only when that block has one unit per class. For any
     other network this returns ``None``, because argmax over its units names no class.
     """
