@@ -62,6 +62,10 @@ BACKPROP_STEPS = ("jax.grad + optax", "bp", "plain JAX (lax.conv)", "PyTorch eag
 TORCH_PEERS = ("PyTorch eager", "BioTorch fa", "BioTorch dfa")
 LOCAL_RULES = ("hsic", "gim")
 """Rules also measured at ``Settings.local_batch``, their usual batch size."""
+LOCAL_VARIANTS = {"hsic (plain estimator)": ("hsic", {"estimator": "plain"})}
+"""Extra rows of the batch-256 measurement: row name -> (rule, hyperparameters). HSIC's
+plain estimator is the one in the paper's equations. The registered default, the normalised
+estimator, is the one the authors' code trains with."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,14 +291,19 @@ def rule_kwargs(name: str, settings: Settings) -> dict[str, Any]:
     return {}
 
 
-def rule_stepper(name: str, network: nn.Network, params, batch, settings: Settings):
-    """Compile ``train.make_train_step`` of registered rule ``name`` at ``params``."""
-    rule = rules.get(name, network, **rule_kwargs(name, settings))
+def rule_stepper(
+    name: str, network: nn.Network, params, batch, settings: Settings, label=None, **extra
+):
+    """Compile ``train.make_train_step`` of registered rule ``name`` at ``params``.
+
+    ``extra`` hyperparameters go to the rule; ``label`` names the row (default ``name``).
+    """
+    rule = rules.get(name, network, **rule_kwargs(name, settings), **extra)
     optimizer = optax.adam(LEARNING_RATE)
     rule_key, step_key = jax.random.split(jax.random.key(1))
     carry = (params, rule.init(rule_key, params), optimizer.init(params))
     step_fn = train.make_train_step(rule, optimizer)
-    return train_stepper(name, step_fn, carry, batch, step_key)
+    return train_stepper(label or name, step_fn, carry, batch, step_key)
 
 
 def reference_stepper(network: nn.Network, params, batch, label="jax.grad + optax") -> Stepper:
@@ -781,23 +790,33 @@ def _epoch_row(name, run: SeedsRun, settings) -> dict[str, Any]:
 
 
 def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
-    """Time the registered ``LOCAL_RULES`` against backprop at ``settings.local_batch``."""
-    present = [name for name in LOCAL_RULES if name in rules.names()]
+    """Time the registered ``LOCAL_RULES`` (and ``LOCAL_VARIANTS``) against backprop at
+    ``settings.local_batch``, for those that ``settings.rules`` selects."""
+    selected = _rule_names(settings)
+    present = [name for name in LOCAL_RULES if name in rules.names() and name in selected]
     result = {"batch_size": settings.local_batch, "rows": []}
     if settings.local_batch <= 0:
         return {**result, "skipped": {"all": "not measured (local_batch 0)"}}
     if not present:
-        return {**result, "skipped": {name: "not registered" for name in LOCAL_RULES}}
+        return {**result, "skipped": {
+            name: "not registered" if name not in rules.names() else "not selected (--rules)"
+            for name in LOCAL_RULES
+        }}
     network = workload.build()
     params = draw_params(network)
     batch = workloads.first_batch(x, y, settings.local_batch)
+    variants = {label: spec for label, spec in LOCAL_VARIANTS.items() if spec[0] in present}
     steppers, skipped = [], {}
-    for name in ("bp", *present):
-        log(f"  {workload.name}: rule {name} at batch {settings.local_batch}")
+    for label, (name, extra) in {
+        "bp": ("bp", {}), **{name: (name, {}) for name in present}, **variants
+    }.items():
+        log(f"  {workload.name}: rule {label} at batch {settings.local_batch}")
         try:
-            steppers.append(rule_stepper(name, network, params, batch, settings))
+            steppers.append(
+                rule_stepper(name, network, params, batch, settings, label=label, **extra)
+            )
         except Exception as error:  # noqa: BLE001 - a broken rule is reported, not fatal
-            skipped[name] = _failure(error)
+            skipped[label] = _failure(error)
     samples = time_round_robin(steppers, settings.steps, settings.rounds, settings.warmup)
     rows = [_row(stepper, samples[stepper.name], "rule") for stepper in steppers]
     reference = _find(rows, "bp")
@@ -805,7 +824,7 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
         row["ratio_to_bp"] = None if reference is None else _pair(row, reference)
     for name in LOCAL_RULES:
         if name not in present:
-            skipped[name] = "not registered"
+            skipped[name] = "not registered" if name not in rules.names() else "not selected"
     return {"batch_size": settings.local_batch, "rows": rows, "skipped": skipped}
 
 
@@ -813,6 +832,8 @@ def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
     """Time ``bpalt.ntk.empirical_ntk`` of ``n x n`` inputs, for each of its methods."""
     if settings.ntk_examples <= 0:
         return {"rows": [], "skipped": "not measured (ntk_examples 0)"}
+    if "ntk" not in _rule_names(settings):
+        return {"rows": [], "skipped": "not measured (ntk not selected by --rules)"}
     ntk, reason = _import("bpalt.ntk")
     if ntk is None or not hasattr(ntk, "empirical_ntk"):
         return {"rows": [], "skipped": reason or "bpalt.ntk has no empirical_ntk"}
@@ -1013,6 +1034,10 @@ def _local_targets(local) -> list[dict]:
         if row["name"] in LOCAL_RULES:
             targets.append(_target(f"W1: {row['name']} / bp at batch {local['batch_size']}",
                                    row["ratio_to_bp"], 2.0, "x"))
+        elif row["name"] in LOCAL_VARIANTS:
+            targets.append(_target(f"W1: {row['name']} / bp at batch {local['batch_size']}",
+                                   row["ratio_to_bp"], 2.0, "x",
+                                   note="not the registered default"))
     for name, reason in local.get("skipped", {}).items():
         if name in LOCAL_RULES:
             targets.append(_target(f"W1: {name} / bp at batch {local['batch_size']}", None, 2.0,
@@ -1030,6 +1055,8 @@ def _ms(value) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    if not rows:
+        return ["Not measured in this run.", ""]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
     return lines + [""]
@@ -1189,11 +1216,13 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
         lines += [f"- {rule}: skipped, {reason}" for rule, reason in skipped.items()]
         lines += [""] if skipped else []
         if "local_rules" in entry:
-            lines += [f"### {name}: rules at batch {entry['local_rules'].get('batch_size')}",
-                      "", *_local_lines(entry["local_rules"])]
+            local_batch = entry["local_rules"].get("batch_size") or 0
+            heading = f"rules at batch {local_batch}" if local_batch > 0 else "local rules"
+            lines += [f"### {name}: {heading}", "", *_local_lines(entry["local_rules"])]
         if "ntk" in entry:
-            lines += [f"### {name}: empirical NTK, {entry['ntk'].get('examples')} inputs", "",
-                      *_ntk_lines(entry["ntk"])]
+            examples = entry["ntk"].get("examples")
+            heading = f"empirical NTK, {examples} inputs" if examples else "empirical NTK"
+            lines += [f"### {name}: {heading}", "", *_ntk_lines(entry["ntk"])]
     lines += ["## Backprop FLOP rate", "", *_flop_lines(results)]
     lines += [NOTES_MARKER, "", notes.strip(), ""] if notes.strip() else [NOTES_MARKER, ""]
     return "\n".join(lines)

@@ -128,10 +128,18 @@ def _print_table(rows) -> None:
     from bpalt import reporting
 
     table = Table(title="bpalt comparison")
-    for column in reporting.COLUMNS:
-        table.add_column(column, justify="left" if column in ("rule", "runs") else "right")
-    for cells in reporting.table_rows(rows):
-        table.add_row(*cells)
+    cells = reporting.table_rows(rows)
+    for index, column in enumerate(reporting.COLUMNS):
+        # Rule names are never cut: other columns wrap their headers instead.
+        widest = max((len(row[index]) for row in cells), default=0) if column == "rule" else 0
+        table.add_column(
+            column,
+            justify="left" if column in ("rule", "runs") else "right",
+            min_width=widest or None,
+            no_wrap=column == "rule",
+        )
+    for row in cells:
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -147,7 +155,10 @@ def _run(args, rule_names) -> int:
     print(f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png, alignment.png)")
     failed = [row["rule"] for row in rows if row["statuses"].get("failed")]
     if failed:
-        print(f"bpalt: error: rule(s) {', '.join(failed)} failed; see summary.md", file=sys.stderr)
+        print(
+            f"bpalt {args.command}: error: rule(s) {', '.join(failed)} failed; see summary.md",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -180,10 +191,13 @@ def main(argv=None) -> int:
             _print_table(rows)
             return 0
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"bpalt: error: {error}", file=sys.stderr)
+        print(f"bpalt {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
-        print("bpalt: interrupted; rerun with the same --out to resume", file=sys.stderr)
+        print(
+            f"bpalt {args.command}: interrupted; rerun with the same --out to resume",
+            file=sys.stderr,
+        )
         return 130
     return USAGE_ERROR
 

@@ -1,4 +1,8 @@
-"""Named network architectures, each defined once and shared by rules, tests and benchmarks."""
+"""Named network architectures, each defined once and shared by rules, tests and benchmarks.
+
+Every network here is built from layers that treat examples independently, so each runs
+batches of 128 or more in chunks (``nn.Network(..., batch_chunks="auto")``).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def digits_cnn(
         for c in channels
     ]
     blocks.append(nn.serial(nn.flatten, nn.dense(num_classes, w_init="lecun_normal")))
-    return nn.Network(blocks, input_shape)
+    return nn.Network(blocks, input_shape, batch_chunks="auto")
 
 
 def patch_cnn(
@@ -99,7 +103,7 @@ def patch_cnn(
         for c in channels[1:]
     ]
     blocks.append(nn.serial(nn.flatten, nn.dense(num_classes, w_init="lecun_normal")))
-    return nn.Network(blocks, input_shape)
+    return nn.Network(blocks, input_shape, batch_chunks="auto")
 
 
 def lenet(
@@ -121,6 +125,7 @@ def lenet(
             nn.serial(nn.dense(num_classes, w_init="lecun_normal")),
         ],
         input_shape,
+        batch_chunks="auto",
     )
 
 
@@ -147,7 +152,7 @@ def mlp(
     head = [nn.flatten] if not hidden else []
     head.append(nn.dense(num_classes, w_init=w_init, b_init=b_init))
     blocks.append(nn.serial(*head))
-    return nn.Network(blocks, input_shape)
+    return nn.Network(blocks, input_shape, batch_chunks="auto")
 
 
 def akrout_mlp(

@@ -255,7 +255,25 @@ def _conv_by_shifts(x, w, stride: int, out_h: int, out_w: int):
         for j in range(kw):
             shifted = _window(_window(x, 1, i, out_h, stride), 2, j, out_w, stride)
             y = y + shifted * w[i, j].reshape(1, 1, 1, -1)
+    return _materialize(y, w)
+
+
+def _identity(y):
     return y
+
+
+def _materialize(y: jax.Array, w: jax.Array) -> jax.Array:
+    """Return ``y`` unchanged, written once to memory instead of recomputed by its users.
+
+    XLA:CPU fuses the cheap sum of shifted copies into every operation that reads it, so in
+    a backprop step LeNet's first convolution ran four times: in the ReLU and pool, in the
+    pool's mask and in the ReLU's gradient. A conditional is a boundary that XLA does not
+    fuse across and keeps (``lax.optimization_barrier`` is removed before fusion). Both
+    branches are the identity, so the predicate, read from ``w``, only has to be traced.
+    The step took 5.3 ms against 5.7 ms. Under ``vmap`` the conditional becomes a select
+    between two equal operands.
+    """
+    return lax.cond(w.reshape(-1)[0] == 0.0, _identity, _identity, y)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
@@ -501,26 +519,56 @@ def from_flax(module) -> Layer:
 # --- The network of blocks ---------------------------------------------------------------------
 
 
+AUTO_BATCH_CHUNKS = 4
+"""Chunks of ``batch_chunks="auto"``: LeNet at batch 128 took 4.9 ms in 4, 5.1 ms in 2."""
+AUTO_CHUNK_MIN_BATCH = 128
+"""Smallest batch that ``batch_chunks="auto"`` splits; the digits CNN at 64 gained nothing."""
+
+
 class Network:
     """A sequence of blocks with one parameter pytree: a tuple, one entry per block.
 
     Rules that work block by block (DFA, HSIC, Greedy InfoMax) use the block boundaries; the
     others see ``apply`` as one function.
 
+    ``apply``, ``forward`` and ``feedback_apply`` can run the batch as a few independent
+    chunks and concatenate the results (``batch_chunks``). The function is the same, since
+    every block of ``bpalt.nn`` treats examples independently; only the computation graph
+    changes. XLA:CPU runs independent chains of operations at the same time, so on a 2-core
+    CPU LeNet's backprop step at batch 128 took 5.1 ms in 4 chunks against 5.5 ms in one,
+    and a 784-500-10 MLP's 1.5 ms against 1.8 ms.
+
     Args:
         blocks: the blocks, each a ``Layer``; the last one produces the logits.
         input_shape: shape of one example, e.g. ``(8, 8, 1)``.
+        batch_chunks: ``1`` (the default: one chain), a positive number of chunks, or
+            ``"auto"`` (``AUTO_BATCH_CHUNKS`` chunks for batches of at least
+            ``AUTO_CHUNK_MIN_BATCH`` examples, one chain below). Use more than one only when
+            every block treats examples independently: a block that mixes the examples of a
+            batch (batch statistics, for instance) would then see one chunk at a time.
     """
 
-    def __init__(self, blocks: Sequence[Layer], input_shape: Sequence[int]):
+    def __init__(
+        self,
+        blocks: Sequence[Layer],
+        input_shape: Sequence[int],
+        batch_chunks: int | str = 1,
+    ):
         blocks = tuple(blocks)
         if not blocks:
             raise ValueError("a Network needs at least one block")
         for index, block in enumerate(blocks):
             if not isinstance(block, Layer):
                 raise ValueError(f"block {index} is not a Layer: {block!r}")
+        if batch_chunks != "auto" and (
+            isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1
+        ):
+            raise ValueError(
+                f"batch_chunks must be a positive integer or 'auto', got {batch_chunks!r}"
+            )
         self.blocks = blocks
         self.input_shape = tuple(int(d) for d in input_shape)
+        self.batch_chunks = batch_chunks
         self.block_shapes = self._shapes()
 
     def _shapes(self) -> tuple[Shape, ...]:
@@ -570,25 +618,51 @@ class Network:
             params.append(block_params)
         return tuple(params)
 
+    def chunks_for(self, batch_size: int) -> int:
+        """Return the number of chunks that ``apply`` splits a batch of ``batch_size`` into."""
+        if self.batch_chunks == "auto":
+            return AUTO_BATCH_CHUNKS if batch_size >= AUTO_CHUNK_MIN_BATCH else 1
+        return max(1, min(self.batch_chunks, batch_size))
+
+    def _in_chunks(self, fn: Callable[[jax.Array], Any], x: jax.Array):
+        """``fn(x)``, computed as ``fn`` of each chunk of the batch, concatenated."""
+        chunks = self.chunks_for(x.shape[0])
+        if chunks == 1:
+            return fn(x)
+        outputs = [fn(chunk) for chunk in jnp.array_split(x, chunks)]
+        return jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
+
     def apply(self, params, x: jax.Array) -> jax.Array:
         """Logits of a batch: (batch, *input_shape) -> (batch, *output_shape)."""
-        for block, block_params in zip(self.blocks, params):
-            x = block.apply(block_params, x)
-        return x
+
+        def logits(x):
+            for block, block_params in zip(self.blocks, params):
+                x = block.apply(block_params, x)
+            return x
+
+        return self._in_chunks(logits, x)
 
     def forward(self, params, x: jax.Array) -> list[jax.Array]:
         """Return every block's output in order. The last entry is the logits."""
-        outputs = []
-        for block, block_params in zip(self.blocks, params):
-            x = block.apply(block_params, x)
-            outputs.append(x)
-        return outputs
+
+        def outputs(x):
+            outputs = []
+            for block, block_params in zip(self.blocks, params):
+                x = block.apply(block_params, x)
+                outputs.append(x)
+            return outputs
+
+        return self._in_chunks(outputs, x)
 
     def feedback_apply(self, params, feedback, x: jax.Array) -> jax.Array:
         """Logits, with every linear layer's input gradient sent through ``feedback``."""
-        for block, block_params, block_feedback in zip(self.blocks, params, feedback):
-            x = block.feedback_apply(block_params, block_feedback, x)
-        return x
+
+        def logits(x):
+            for block, block_params, block_feedback in zip(self.blocks, params, feedback):
+                x = block.feedback_apply(block_params, block_feedback, x)
+            return x
+
+        return self._in_chunks(logits, x)
 
     def check_input(self, x) -> None:
         """Raise ``ValueError`` if ``x`` is not a batch of this network's input shape."""
@@ -600,4 +674,7 @@ class Network:
             )
 
     def __repr__(self) -> str:
-        return f"Network({len(self.blocks)} blocks, input_shape={self.input_shape})"
+        return (
+            f"Network({len(self.blocks)} blocks, input_shape={self.input_shape}, "
+            f"batch_chunks={self.batch_chunks!r})"
+        )

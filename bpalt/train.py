@@ -129,33 +129,33 @@ def _guarded_step(step_fn: Callable, state: TrainState, batch) -> tuple[TrainSta
 
 SEED_LOOPS = ("auto", "vmap", "map")
 
-MAP_THRESHOLD_BYTES = 2 * 2**20
-"""``seed_loop="auto"`` runs seeds one after another once one seed's step creates an array
-larger than this. On the 2-core CPU where it was chosen, three seeds of LeNet at batch 128
-(largest array 7.4 MB, the first layer's patches) took 41 ms under ``vmap`` and 18 ms under
-``lax.map``. Three seeds of the digits CNN at batch 64 (largest array 0.6 MB) took 2.1 ms
+MAP_THRESHOLD_BYTES = 100 * 2**20
+"""``seed_loop="auto"`` runs seeds one after another once the arrays that one seed's step
+creates add up to more than this (``intermediate_bytes``), a measure of the step's memory
+traffic. It was chosen on a 2-core CPU. Three seeds of LeNet at batch 128 (260 MiB) took
+34 ms under ``vmap`` and 17 ms under ``lax.map``. ES on the digits CNN at population 256
+(108 MiB) took 264 and 237 ms. Backprop on the digits CNN at batch 64 (24 MiB) took 2.0 ms
 under ``vmap`` and 2.7 ms under ``lax.map``."""
 
 
-def largest_intermediate_bytes(fn: Callable, *args) -> int:
-    """Return the size in bytes of the largest array that tracing ``fn(*args)`` creates.
+def intermediate_bytes(fn: Callable, *args) -> int:
+    """Return the summed size in bytes of the arrays that tracing ``fn(*args)`` creates.
 
     ``args`` may be ``jax.ShapeDtypeStruct``s. Arrays inside nested jaxprs (jit, custom
-    derivatives, loops) count too.
+    derivatives, loops) count too, each once per appearance in the trace.
     """
 
     def walk(jaxpr) -> int:
-        largest = 0
+        total = 0
         for eqn in jaxpr.eqns:
             for var in eqn.outvars:
                 aval = var.aval
                 if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                    itemsize = getattr(aval.dtype, "itemsize", 4)
-                    largest = max(largest, math.prod(aval.shape) * itemsize)
+                    total += math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 4)
             for value in eqn.params.values():
                 for sub in _jaxprs_in(value):
-                    largest = max(largest, walk(sub))
-        return largest
+                    total += walk(sub)
+        return total
 
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
@@ -182,8 +182,8 @@ def make_seeds_step(
 
     ``seed_loop`` sets how the seeds run inside the one compiled call: ``"vmap"`` batches
     them into one step, ``"map"`` runs them one after another (``lax.map``), and ``"auto"``
-    (the default) takes ``"map"`` for a single seed or when one seed's step creates an array
-    larger than ``MAP_THRESHOLD_BYTES``, and ``"vmap"`` otherwise. All three give the same
+    (the default) takes ``"map"`` for a single seed or when the arrays one seed's step creates
+    add up to more than ``MAP_THRESHOLD_BYTES``, and ``"vmap"`` otherwise. All three give the same
     result. Batching seeds pays off while a step's arrays fit in the caches; beyond that
     it multiplies the memory traffic.
     """
@@ -230,8 +230,8 @@ def choose_seed_loop(one_seed: Callable, state, x, y, indices) -> str:
         return "map"
     unbatched = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), state)
     row = jax.ShapeDtypeStruct(indices.shape[1:], indices.dtype)
-    largest = largest_intermediate_bytes(one_seed, unbatched, x, y, row)
-    return "map" if largest > MAP_THRESHOLD_BYTES else "vmap"
+    created = intermediate_bytes(one_seed, unbatched, x, y, row)
+    return "map" if created > MAP_THRESHOLD_BYTES else "vmap"
 
 
 def epoch_permutations(state: TrainState, epoch: int, num_examples: int, batch_size: int):

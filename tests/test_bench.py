@@ -79,10 +79,25 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     text = md_path.read_text()
     assert "## Targets" in text
     assert "| zero | rule |" in text
+    assert "rules at batch 0" not in text
 
     md_path.write_text(text + "Hand-written analysis.\n")
     bench.write_results(results, tmp_path / "bench", "tiny command")
     assert "Hand-written analysis." in md_path.read_text()
+
+
+def test_local_and_ntk_sections_follow_rules():
+    x, y, _ = workloads.training_data(workloads.W1, None)
+    only_bp = bench.Settings(**{**TINY, "local_batch": 8, "ntk_examples": 4}, rules=("bp",))
+    local = bench.local_rules(workloads.W1, only_bp, x, y, lambda message: None)
+    assert local["rows"] == []
+    assert local["skipped"] == {name: "not selected (--rules)" for name in bench.LOCAL_RULES}
+    assert "not selected" in bench.ntk_times(workloads.W1, only_bp, x, lambda m: None)["skipped"]
+
+    with_hsic = bench.Settings(**{**TINY, "local_batch": 8}, rules=("bp", "hsic"))
+    local = bench.local_rules(workloads.W1, with_hsic, x, y, lambda message: None)
+    assert [row["name"] for row in local["rows"]] == ["bp", "hsic", "hsic (plain estimator)"]
+    assert local["skipped"] == {"gim": "not selected"}
 
 
 @pytest.mark.parametrize(

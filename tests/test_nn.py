@@ -404,6 +404,70 @@ def test_no_bias_under_rule(name, random_batch, draw_params):
         assert np.any(np.asarray(leaf) != 0)
 
 
+# --- A batch in chunks ----------------------------------------------------------------------
+
+
+def _lenet_pair(chunks):
+    """LeNet in one chain and the same blocks with ``batch_chunks=chunks``."""
+    lenet = models.lenet()
+    single = nn.Network(lenet.blocks, lenet.input_shape, batch_chunks=1)
+    return single, nn.Network(lenet.blocks, lenet.input_shape, batch_chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks,batch", [("auto", 128), (3, 10), (4, 130)])
+def test_chunked_network_equals_one_chain(chunks, batch, draw_params):
+    single, chunked = _lenet_pair(chunks)
+    assert chunked.chunks_for(batch) > 1
+    params = draw_params(jax.eval_shape(single.init, KEY))
+    x = _uniform(1, (batch, 28, 28, 1))
+    y = jax.random.randint(KEY, (batch,), 0, 10)
+    feedback = draw_params(jax.eval_shape(single.init, KEY), 2)
+
+    np.testing.assert_allclose(
+        chunked.apply(params, x), single.apply(params, x), rtol=RTOL, atol=ATOL
+    )
+    for got, want in zip(chunked.forward(params, x), single.forward(params, x)):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+    def grads(network, apply):
+        return jax.jit(jax.grad(lambda p: losses.softmax_cross_entropy(apply(network, p), y)))(
+            params
+        )
+
+    for apply in (
+        lambda network, p: network.apply(p, x),
+        lambda network, p: network.feedback_apply(p, feedback, x),
+    ):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+            grads(chunked, apply),
+            grads(single, apply),
+        )
+
+
+def test_chunked_network_jvp_and_vmap(draw_params):
+    single, chunked = _lenet_pair("auto")
+    params = draw_params(jax.eval_shape(single.init, KEY))
+    tangent = draw_params(jax.eval_shape(single.init, KEY), 3)
+    x = _uniform(1, (2, 128, 28, 28, 1))
+
+    _, want = jax.jvp(lambda p: single.apply(p, x[0]), (params,), (tangent,))
+    _, got = jax.jvp(lambda p: chunked.apply(p, x[0]), (params,), (tangent,))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    batched = jax.vmap(chunked.apply, in_axes=(None, 0))(params, x)
+    np.testing.assert_allclose(batched[1], single.apply(params, x[1]), rtol=RTOL, atol=ATOL)
+
+
+def test_auto_chunks_follow_batch_size():
+    network = models.lenet()
+    assert network.batch_chunks == "auto"
+    assert network.chunks_for(nn.AUTO_CHUNK_MIN_BATCH - 1) == 1
+    assert network.chunks_for(nn.AUTO_CHUNK_MIN_BATCH) == nn.AUTO_BATCH_CHUNKS
+    assert nn.Network(network.blocks, network.input_shape).chunks_for(1024) == 1
+    assert nn.Network(network.blocks, network.input_shape, batch_chunks=8).chunks_for(5) == 5
+
+
 # --- The flax adapter -----------------------------------------------------------------------
 
 
@@ -456,6 +520,14 @@ def test_from_flax_block_in_network(draw_params):
         (lambda: nn.serial(nn.relu, "relu"), "serial argument 1 is not a Layer"),
         (lambda: nn.Network([], (8, 8, 1)), "a Network needs at least one block"),
         (lambda: nn.Network([nn.relu, None], (8, 8, 1)), "block 1 is not a Layer"),
+        (
+            lambda: nn.Network([nn.relu], (8, 8, 1), batch_chunks=0),
+            "batch_chunks must be a positive integer or 'auto', got 0",
+        ),
+        (
+            lambda: nn.Network([nn.relu], (8, 8, 1), batch_chunks="4"),
+            "batch_chunks must be a positive integer or 'auto', got '4'",
+        ),
     ],
 )
 def test_bad_arguments_raise(build, message):
