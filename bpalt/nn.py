@@ -624,8 +624,12 @@ class Network:
             return AUTO_BATCH_CHUNKS if batch_size >= AUTO_CHUNK_MIN_BATCH else 1
         return max(1, min(self.batch_chunks, batch_size))
 
-    def _in_chunks(self, fn: Callable[[jax.Array], Any], x: jax.Array):
-        """``fn(x)``, computed as ``fn`` of each chunk of the batch, concatenated."""
+    def in_chunks(self, fn: Callable[[jax.Array], Any], x: jax.Array):
+        """Compute ``fn(x)`` as ``fn`` of each chunk of the batch, concatenated.
+
+        ``fn`` maps a batch to a pytree of arrays with a leading batch axis, and must treat
+        examples independently. The chunks follow ``chunks_for(x.shape[0])``.
+        """
         chunks = self.chunks_for(x.shape[0])
         if chunks == 1:
             return fn(x)
@@ -640,7 +644,7 @@ class Network:
                 x = block.apply(block_params, x)
             return x
 
-        return self._in_chunks(logits, x)
+        return self.in_chunks(logits, x)
 
     def forward(self, params, x: jax.Array) -> list[jax.Array]:
         """Return every block's output in order. The last entry is the logits."""
@@ -652,7 +656,7 @@ class Network:
                 outputs.append(x)
             return outputs
 
-        return self._in_chunks(outputs, x)
+        return self.in_chunks(outputs, x)
 
     def feedback_apply(self, params, feedback, x: jax.Array) -> jax.Array:
         """Logits, with every linear layer's input gradient sent through ``feedback``."""
@@ -662,7 +666,7 @@ class Network:
                 x = block.feedback_apply(block_params, block_feedback, x)
             return x
 
-        return self._in_chunks(logits, x)
+        return self.in_chunks(logits, x)
 
     def check_input(self, x) -> None:
         """Raise ``ValueError`` if ``x`` is not a batch of this network's input shape."""

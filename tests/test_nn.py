@@ -445,6 +445,27 @@ def test_chunked_network_equals_one_chain(chunks, batch, draw_params):
         )
 
 
+@pytest.mark.parametrize("name", ["bp", "fa", "dfa", "hsic", "random_features"])
+def test_rule_grads_equal_in_chunks(name, draw_params):
+    single, chunked = _lenet_pair("auto")
+    params = draw_params(jax.eval_shape(single.init, KEY))
+    batch = (_uniform(1, (128, 28, 28, 1)), jax.random.randint(KEY, (128,), 0, 10))
+
+    def grads(network):
+        rule = rules.get(name, network)
+        state = rule.init(jax.random.key(1), params)
+        return jax.jit(rule.update)(state, params, batch, KEY)[0]
+
+    # HSIC's matrix inverses amplify rounding, so the tolerance scales with each leaf.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-3, atol=1e-5 + 1e-4 * float(np.abs(b).max())
+        ),
+        grads(chunked),
+        grads(single),
+    )
+
+
 def test_chunked_network_jvp_and_vmap(draw_params):
     single, chunked = _lenet_pair("auto")
     params = draw_params(jax.eval_shape(single.init, KEY))

@@ -29,13 +29,18 @@ def block_outputs_with_stopped_inputs(network: Network, params, x):
     """Compute every block's output, each from its stopped input.
 
     A gradient taken through these outputs reaches only the params of the block that
-    produced each one: the block-local vector-Jacobian product.
+    produced each one: the block-local vector-Jacobian product. The batch runs in the
+    network's chunks (``Network.in_chunks``).
     """
-    outputs = []
-    for block, block_params in zip(network.blocks, params):
-        x = block.apply(block_params, jax.lax.stop_gradient(x))
-        outputs.append(x)
-    return outputs
+
+    def outputs(x):
+        outputs = []
+        for block, block_params in zip(network.blocks, params):
+            x = block.apply(block_params, jax.lax.stop_gradient(x))
+            outputs.append(x)
+        return outputs
+
+    return network.in_chunks(outputs, x)
 
 
 @register("dfa")
