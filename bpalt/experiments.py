@@ -366,7 +366,9 @@ def compare(
     _drop_epochs_after_checkpoints(out, log, pending)
 
     total = sum(s.epochs for s in pending)
-    with tqdm(total=total, desc="training", unit="epoch", disable=not show_progress) as bar:
+    # With every rule finished there is nothing to train, so no bar is drawn.
+    hidden = not show_progress or total == 0
+    with tqdm(total=total, desc="training", unit="epoch", disable=hidden) as bar:
         for spec in pending:
             try:
                 runner = RuleRunner(spec, comparison, network, dataset)

@@ -41,7 +41,7 @@ def _without_timing(records):
     )
 
 
-def _compare(out: Path, epochs: int, **overrides):
+def _compare(out: Path, epochs: int, show_progress=False, **overrides):
     settings = {
         "rules": ["bp", "fa"],
         "epochs": epochs,
@@ -50,7 +50,7 @@ def _compare(out: Path, epochs: int, **overrides):
         "model": {"name": "digits_cnn", "channels": [4, 8]},
     }
     comparison = config.make_comparison({**settings, **overrides}, {})
-    return experiments.compare(comparison, out, show_progress=False)
+    return experiments.compare(comparison, out, show_progress=show_progress)
 
 
 def test_diverged_run_recorded_others_finish(tmp_path):
@@ -84,14 +84,16 @@ def test_results_one_line_per_rule_seed_epoch(tmp_path):
     assert all("update_cosine/block0" in r for r in diagnosed)
 
 
-def test_rerun_skips_finished(tmp_path):
+def test_rerun_skips_finished(tmp_path, capsys):
     out = tmp_path / "run"
     _compare(out, 2)
     before = (out / "results.jsonl").read_text()
+    capsys.readouterr()
 
-    _compare(out, 2)
+    _compare(out, 2, show_progress=True)
 
     assert (out / "results.jsonl").read_text() == before
+    assert "training" not in capsys.readouterr().err
 
 
 def test_changed_config_rejected(tmp_path):
