@@ -33,6 +33,7 @@ import optax
 from tabulate import tabulate
 
 from bpalt import data, diagnostics, initializers, losses, models, nn, rules, train
+from bpalt.argtypes import positive_float, positive_int
 
 INITS = {
     "zeros": initializers.zeros,
@@ -660,26 +661,6 @@ def write_depth_study(out: str | Path, command: str, rows, settings: dict) -> Pa
 # --- Command line -------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def build_parser(prog: str = "python -m bpalt.studies") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="study", required=True)
@@ -688,12 +669,12 @@ def build_parser(prog: str = "python -m bpalt.studies") -> argparse.ArgumentPars
     init.add_argument("--out", default="experiments/results", help="output folder")
     defaults = InitStudySettings()
     init.add_argument(
-        "--epochs", type=_positive_int, default=defaults.epochs, help="epochs per run"
+        "--epochs", type=positive_int, default=defaults.epochs, help="epochs per run"
     )
-    init.add_argument("--seeds", type=_positive_int, default=defaults.seeds, help="runs per row")
+    init.add_argument("--seeds", type=positive_int, default=defaults.seeds, help="runs per row")
     init.add_argument(
         "--learning-rate",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.learning_rate,
         help="SGD step size",
     )
@@ -704,11 +685,11 @@ def build_parser(prog: str = "python -m bpalt.studies") -> argparse.ArgumentPars
     depth.add_argument("--out", default="experiments/results", help="output folder")
     depth.add_argument(
         "--max-depth",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         help="largest number of dense layers; depths run 2, 4, ... up to it (at least 2)",
     )
-    depth.add_argument("--seeds", type=_positive_int, default=5, help="initialisations per point")
+    depth.add_argument("--seeds", type=positive_int, default=5, help="initialisations per point")
     return parser
 
 

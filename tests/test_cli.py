@@ -154,3 +154,14 @@ def test_bench_subcommand_missing_data_dir(tmp_path, capsys):
     arguments = ["bench", "--workloads", "W2", "--data-dir", str(tmp_path / "missing")]
     assert cli.main(arguments) == 2
     assert "data directory not found" in capsys.readouterr().err
+
+
+def test_blas_limited_to_one_thread():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    limiter = cli.limit_blas_threads()
+    try:
+        pools = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        assert pools, "NumPy loads a BLAS library, so at least one pool is expected"
+        assert {p["num_threads"] for p in pools} == {1}
+    finally:
+        limiter.restore_original_limits()

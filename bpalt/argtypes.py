@@ -1,0 +1,31 @@
+"""Value types for ``argparse`` options, shared by the ``bpalt`` command and the studies.
+
+Each turns the option's text into a number or raises ``argparse.ArgumentTypeError``, which
+argparse reports as ``argument --name: <message>`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """Parse a positive integer option such as ``--epochs 40``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Parse a positive number option such as ``--learning-rate 3e-3``; rejects nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
