@@ -38,7 +38,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ import optax
 import threadpoolctl
 from jax import lax
 
-from bpalt import data, losses, nn, rules, train, workloads
+from bpalt import checkpoint, data, losses, nn, rules, train, workloads
 from bpalt.workloads import Workload
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -1243,21 +1242,12 @@ def existing_notes(path: Path) -> str:
     return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
-                                     encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def write_results(results: dict, out: Path, command: str) -> tuple[Path, Path]:
     """Write ``<out>.md`` and ``<out>.json``, keeping the notes of an earlier ``<out>.md``."""
     md_path, json_path = out.with_suffix(".md"), out.with_suffix(".json")
     results = {**results, "command": command}
-    write_atomic(json_path, json.dumps(results, indent=1, default=str) + "\n")
-    write_atomic(md_path, markdown(results, command, existing_notes(md_path)))
+    checkpoint.write_atomic(json_path, json.dumps(results, indent=1, default=str) + "\n")
+    checkpoint.write_atomic(md_path, markdown(results, command, existing_notes(md_path)))
     return md_path, json_path
 
 
@@ -1275,7 +1265,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = Settings()
     parser.add_argument("--workloads", type=_names, default=defaults.workloads,
-                        help="comma-separated workloads (default W1,W2)")
+                        help="comma-separated workloads: W1 (digits CNN, batch 64), W2 "
+                        "(LeNet on 28x28, batch 128); default W1,W2")
     parser.add_argument("--rules", type=_names, help="comma-separated rules (default: all)")
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help="timed steps per row (default 30)")
@@ -1294,12 +1285,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rules of the training-loop measurement (default bp)")
     parser.add_argument("--seeds-budget", type=float, default=defaults.seeds_budget_s,
                         help="seconds the seeds measurement of one rule may take (default 30)")
-    parser.add_argument("--es-population", type=int, default=defaults.es_population)
+    parser.add_argument("--es-population", type=int, default=defaults.es_population,
+                        help="population of the ES rule and of evosax's Open_ES (default 256)")
     parser.add_argument("--local-batch", type=int, default=defaults.local_batch,
                         help="batch of the HSIC / Greedy InfoMax comparison (0 skips it)")
     parser.add_argument("--ntk-examples", type=int, default=defaults.ntk_examples,
                         help="inputs of the empirical NTK timing (0 skips it)")
-    parser.add_argument("--matmul-size", type=int, default=defaults.matmul_size)
+    parser.add_argument("--matmul-size", type=int, default=defaults.matmul_size,
+                        help="side of the float32 matmul that gives the machine's FLOP rate "
+                        "(default 2048)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs,
                         help="timed epochs of the training-loop measurement (0 skips it)")
     parser.add_argument("--epoch-steps", type=int,
@@ -1323,6 +1317,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not math.isfinite(args.seeds_budget) or args.seeds_budget <= 0:
+        raise ValueError(
+            f"--seeds-budget must be a positive number of seconds, got {args.seeds_budget}"
+        )
     for name in args.workloads:
         workloads.get(name)
     return Settings(
@@ -1347,6 +1345,26 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def check_out(out: Path) -> None:
+    """Raise ``ValueError`` unless ``<out>.md`` and ``<out>.json`` can be written.
+
+    Checked before timing starts, so that a bad ``--out`` costs no measurement.
+    """
+    if out.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder, but it names the output files without their suffix; "
+            f"use --out {out / 'benchmarks'} to write benchmarks.md and benchmarks.json there"
+        )
+    for path in (out.with_suffix(".md"), out.with_suffix(".json")):
+        if path.is_dir():
+            raise ValueError(f"--out would write {path}, which is a folder; choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out} lies inside {parent}, which is a file, not a folder")
+            break
+
+
 def _check_data_dir(settings: Settings) -> None:
     """Load each workload's data set from ``settings.data_dir`` once, so that a missing or
     incomplete folder is reported before any timing starts."""
@@ -1369,6 +1387,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
         settings = settings_from_args(args)
         _rule_names(settings)
         _check_data_dir(settings)
+        check_out(Path(args.out))
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"bpalt bench: error: {error}", file=sys.stderr)
         return 2
@@ -1382,9 +1401,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    # OpenBLAS's threads (loaded by NumPy and SciPy, called by jaxlib's LAPACK kernels in
-    # HSIC) keep spinning after each call and took CPU time from XLA's threads: on 2 cores,
-    # backprop at batch 256 took 2.7 ms with two BLAS threads and 1.9 ms with one.
+    # Spinning OpenBLAS threads slow XLA down (see ``cli.limit_blas_threads``).
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         results = run(settings, log)
     md_path, json_path = write_results(results, Path(args.out), command.strip())

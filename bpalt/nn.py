@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -543,12 +544,16 @@ class Network:
         for index, block in enumerate(blocks):
             if not isinstance(block, Layer):
                 raise ValueError(f"block {index} is not a Layer: {block!r}")
-        if batch_chunks != "auto" and (
-            isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1
-        ):
-            raise ValueError(
-                f"batch_chunks must be a positive integer or 'auto', got {batch_chunks!r}"
-            )
+        if batch_chunks != "auto":
+            if (
+                isinstance(batch_chunks, bool)
+                or not isinstance(batch_chunks, numbers.Integral)
+                or batch_chunks < 1
+            ):
+                raise ValueError(
+                    f"batch_chunks must be a positive integer or 'auto', got {batch_chunks!r}"
+                )
+            batch_chunks = int(batch_chunks)
         self.blocks = blocks
         self.input_shape = tuple(int(d) for d in input_shape)
         self.batch_chunks = batch_chunks

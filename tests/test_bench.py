@@ -4,6 +4,7 @@ No timing is asserted: the figures depend on the machine and its load.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,12 @@ TINY = dict(
     epochs=1,
     epoch_steps=2,
 )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _zero_rule(network, loss=losses.softmax_cross_entropy):
@@ -81,6 +88,7 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     assert "| zero | rule |" in text
     assert "rules at batch 0" not in text
 
+    assert md_path.stat().st_mode & 0o777 == 0o666 & ~_umask()
     md_path.write_text(text + "Hand-written analysis.\n")
     bench.write_results(results, tmp_path / "bench", "tiny command")
     assert "Hand-written analysis." in md_path.read_text()

@@ -129,6 +129,16 @@ def test_out_is_a_file_rejected(tmp_path, capsys):
     assert "is an existing file" in capsys.readouterr().err
 
 
+def test_out_inside_a_file_rejected(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+
+    status = cli.main(["compare", "--rules", "bp", "--epochs", "1", "--out", str(target / "sub")])
+
+    assert status == 2
+    assert "which is a file, not a folder" in capsys.readouterr().err
+
+
 def test_bench_subcommand_runs_the_benchmark(tmp_path, capsys):
     out = tmp_path / "bench"
     arguments = [
@@ -154,6 +164,45 @@ def test_bench_subcommand_missing_data_dir(tmp_path, capsys):
     arguments = ["bench", "--workloads", "W2", "--data-dir", str(tmp_path / "missing")]
     assert cli.main(arguments) == 2
     assert "data directory not found" in capsys.readouterr().err
+
+
+def _folder(tmp):
+    return tmp
+
+
+def _inside_a_file(tmp):
+    (tmp / "file").write_text("x")
+    return tmp / "file" / "bench"
+
+
+def _markdown_is_a_folder(tmp):
+    (tmp / "bench.md").mkdir()
+    return tmp / "bench"
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [
+        (_folder, "is a folder, but it names the output files"),
+        (_inside_a_file, "which is a file, not a folder"),
+        (_markdown_is_a_folder, "bench.md, which is a folder"),
+    ],
+)
+def test_bench_subcommand_bad_out_before_timing(make_out, message, tmp_path, capsys):
+    out = make_out(tmp_path)
+
+    assert cli.main(["bench", "--workloads", "W1", "--out", str(out)]) == 2
+
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "nan", "inf"])
+def test_bench_subcommand_bad_seeds_budget(budget, capsys):
+    assert cli.main(["bench", "--workloads", "W1", f"--seeds-budget={budget}"]) == 2
+    assert f"--seeds-budget must be a positive number of seconds, got {budget}" in (
+        capsys.readouterr().err
+    )
 
 
 def test_blas_limited_to_one_thread():

@@ -487,6 +487,7 @@ def test_auto_chunks_follow_batch_size():
     assert network.chunks_for(nn.AUTO_CHUNK_MIN_BATCH) == nn.AUTO_BATCH_CHUNKS
     assert nn.Network(network.blocks, network.input_shape).chunks_for(1024) == 1
     assert nn.Network(network.blocks, network.input_shape, batch_chunks=8).chunks_for(5) == 5
+    assert nn.Network(network.blocks, network.input_shape, np.int64(2)).chunks_for(128) == 2
 
 
 # --- The flax adapter -----------------------------------------------------------------------
