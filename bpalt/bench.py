@@ -1163,9 +1163,11 @@ def _ntk_lines(ntk) -> list[str]:
          f"{r['compile_s']:.2f}")
         for r in ntk.get("rows", [])
     ]
+    if not rows and ntk.get("skipped"):
+        return [f"Skipped: {ntk['skipped']}.", ""]
     lines = _table(("kernel", "ms median", "ms p25-p75", "first call s"), rows)
     if ntk.get("skipped"):
-        lines.append(f"- skipped: {ntk['skipped']}")
+        lines += [f"- skipped: {ntk['skipped']}", ""]
     return lines
 
 
