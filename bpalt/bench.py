@@ -582,7 +582,8 @@ def _rule_names(settings: Settings) -> tuple[str, ...]:
         return registered
     unknown = [name for name in settings.rules if name not in registered]
     if unknown:
-        raise ValueError(f"unknown rule(s) {unknown}; registered: {', '.join(registered)}")
+        names = ", ".join(repr(name) for name in unknown)
+        raise ValueError(f"unknown rule {names}; accepted: {', '.join(registered)}")
     return tuple(settings.rules)
 
 
