@@ -21,7 +21,7 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """Parse a positive number option such as ``--learning-rate 3e-3``; rejects nan."""
+    """Parse a positive number option such as ``--learning-rate 3e-3``. NaN is rejected."""
     try:
         value = float(text)
     except ValueError:

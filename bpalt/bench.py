@@ -1361,11 +1361,7 @@ def check_out(out: Path) -> None:
     for path in (out.with_suffix(".md"), out.with_suffix(".json")):
         if path.is_dir():
             raise ValueError(f"--out would write {path}, which is a folder; choose another --out")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out} lies inside {parent}, which is a file, not a folder")
-            break
+    checkpoint.check_parent_folders(out)
 
 
 def _check_data_dir(settings: Settings) -> None:

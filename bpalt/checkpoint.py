@@ -17,6 +17,21 @@ import numpy as np
 from flax import serialization
 
 
+def check_parent_folders(out: Path, option: str = "--out") -> None:
+    """Raise ``ValueError`` if the nearest existing parent of ``out`` is a file.
+
+    Such a path cannot be created, and the OS error would name neither the option nor
+    the file in the way. ``option`` names the command-line option in the message.
+    """
+    for parent in Path(out).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"{option} {out} lies inside {parent}, which is a file, not a folder"
+                )
+            return
+
+
 def write_atomic(path: str | Path, content: bytes | str) -> None:
     """Write ``content`` to a temporary file in the same folder, then rename it over ``path``.
 

@@ -79,11 +79,7 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
     """Create ``out`` with ``config.json``, or check that an existing one matches ``record``."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; name a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out} lies inside {parent}, which is a file, not a folder")
-            break
+    checkpoint.check_parent_folders(out)
     path = out / "config.json"
     if path.exists():
         try:

@@ -637,14 +637,14 @@ class Network:
     def forward(self, params, x: jax.Array) -> list[jax.Array]:
         """Return every block's output in order. The last entry is the logits."""
 
-        def outputs(x):
+        def block_outputs(x):
             outputs = []
             for block, block_params in zip(self.blocks, params):
                 x = block.apply(block_params, x)
                 outputs.append(x)
             return outputs
 
-        return self.in_chunks(outputs, x)
+        return self.in_chunks(block_outputs, x)
 
     def feedback_apply(self, params, feedback, x: jax.Array) -> jax.Array:
         """Logits, with every linear layer's input gradient sent through ``feedback``."""

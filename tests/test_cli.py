@@ -188,7 +188,7 @@ def _markdown_is_a_folder(tmp):
         (_markdown_is_a_folder, "bench.md, which is a folder"),
     ],
 )
-def test_bench_subcommand_bad_out_before_timing(make_out, message, tmp_path, capsys):
+def test_bench_bad_out_rejected_early(make_out, message, tmp_path, capsys):
     out = make_out(tmp_path)
 
     assert cli.main(["bench", "--workloads", "W1", "--out", str(out)]) == 2
@@ -198,7 +198,7 @@ def test_bench_subcommand_bad_out_before_timing(make_out, message, tmp_path, cap
 
 
 @pytest.mark.parametrize("budget", ["0", "-1", "nan", "inf"])
-def test_bench_subcommand_bad_seeds_budget(budget, capsys):
+def test_bench_bad_seeds_budget(budget, capsys):
     assert cli.main(["bench", "--workloads", "W1", f"--seeds-budget={budget}"]) == 2
     assert f"--seeds-budget must be a positive number of seconds, got {budget}" in (
         capsys.readouterr().err

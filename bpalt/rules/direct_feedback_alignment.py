@@ -33,14 +33,14 @@ def block_outputs_with_stopped_inputs(network: Network, params, x):
     network's chunks (``Network.in_chunks``).
     """
 
-    def outputs(x):
+    def stopped_outputs(x):
         outputs = []
         for block, block_params in zip(network.blocks, params):
             x = block.apply(block_params, jax.lax.stop_gradient(x))
             outputs.append(x)
         return outputs
 
-    return network.in_chunks(outputs, x)
+    return network.in_chunks(stopped_outputs, x)
 
 
 @register("dfa")
