@@ -308,6 +308,21 @@ def test_spd_inverse_matches_numpy(size):
     np.testing.assert_allclose(batched[1], expected / 2.0, rtol=0, atol=tolerance)
 
 
+def test_spd_inverse_of_ridged_kernel_matches_float64():
+    # The normalised estimator's matrix: a centred Gaussian kernel of a batch of 256 plus
+    # the ridge eps * m, condition number near 1e5.
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((256, 128)).astype(np.float32)
+    centred = hsic.center(hsic.gaussian_kernel(jnp.asarray(z), 5.0))
+    ridge = hsic.NORMALIZED_HSIC_EPSILON * 256
+    matrix = centred + ridge * jnp.eye(256)
+    expected = np.linalg.inv(np.asarray(matrix, np.float64))
+
+    inverse = np.asarray(hsic.spd_inverse(matrix), np.float64)
+    assert np.abs(inverse - expected).max() <= 2e-4 * np.abs(expected).max()
+    assert np.abs(ridge * (inverse - expected)).max() <= 1e-4
+
+
 def test_held_out_unformatted_accuracy_only_when_widths_match(cnn, digits_batch):
     assert rules.held_out_evaluator("hsic", cnn) is None
     assert rules.held_out_evaluator("bp", cnn) is None
