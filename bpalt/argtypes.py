@@ -29,3 +29,18 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def diagnostics_interval(text: str) -> int:
+    """Parse ``--diagnostics-every``: a step count, or 0 to turn the diagnostics off."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer (0 turns the diagnostics off), got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a non-negative integer (0 turns the diagnostics off), got {value}"
+        )
+    return value

@@ -30,12 +30,10 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
-import importlib.metadata
 import io
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -51,7 +49,7 @@ import optax
 import threadpoolctl
 from jax import lax
 
-from bpalt import checkpoint, data, losses, nn, rules, train, workloads
+from bpalt import checkpoint, data, losses, nn, reporting, rules, train, workloads
 from bpalt.workloads import Workload
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -863,19 +861,10 @@ def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     """Describe the run: package versions, machine, XLA flags, default convolution."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    versions = reporting.environment(PACKAGES)
+    machine = versions.pop("machine")
     return {
-        "machine": (
-            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or 'unknown processor'}, Python "
-            f"{platform.python_version()}, JAX devices: {len(jax.devices())} x {devices}"
-        ),
+        "machine": machine,
         "versions": versions,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "conv_default": nn.conv2d.__kwdefaults__.get("implementation"),
@@ -998,7 +987,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
                                "x", note=torch_row["name"]))
     else:
         targets.append(_target(f"{workload}: bp / PyTorch eager", None, 1.0, "x",
-                               note=skipped.get("PyTorch eager", "not measured")))
+                               note=_peer_note(skipped, "PyTorch eager")))
     if workload == "W2":
         targets.append(_target("W2: bp step", bp["median_ms"], 4.7, "ms"))
 
@@ -1012,7 +1001,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             f"{workload}: {rule} / BioTorch {rule}",
             None if peer is None else _pair(row, peer),
             1.0, "x",
-            note=peer["name"] if peer else skipped.get(f"BioTorch {rule}", "not measured"),
+            note=peer["name"] if peer else _peer_note(skipped, f"BioTorch {rule}"),
         ))
 
     es, evosax = _find(rows, "es"), next((r for r in rows if r["name"].startswith("evosax")), None)
@@ -1021,7 +1010,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             "W1: es generation / evosax Open_ES",
             None if evosax is None else _pair(es, evosax),
             0.6, "x",
-            note="" if evosax is not None else skipped.get("evosax Open_ES", "not measured"),
+            note="" if evosax is not None else _peer_note(skipped, "evosax Open_ES"),
         ))
 
     machine = gflops(_find(rows, MATMUL) or {}) or matmul.get("gflops")
@@ -1031,6 +1020,16 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             targets.append(_target("W2 (stretch): bp FLOP rate / matmul rate", fraction, 0.30,
                                    "fraction", at_least=True))
     return targets
+
+
+def _peer_note(skipped: dict[str, str], name: str) -> str:
+    """Return why peer ``name`` has no row: its own skip reason (such as not installed), or
+    that ``--no-peers`` left every peer out."""
+    if name in skipped:
+        return skipped[name]
+    if "peers" in skipped:
+        return "peers not run: --no-peers"
+    return "not measured"
 
 
 def _local_targets(local) -> list[dict]:

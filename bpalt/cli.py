@@ -1,8 +1,9 @@
 """The ``bpalt`` command: ``compare``, ``train``, ``table`` and ``bench``.
 
 Bad input (an unknown rule, data set or optimizer, a non-positive count or learning rate,
-a missing data directory or file, a shape mismatch) prints one line naming the value and
-what is accepted, and exits with status 2 before anything is compiled.
+a missing data directory or file, a data directory for the bundled digits, a shape mismatch)
+prints one line naming the value and what is accepted, and exits with status 2 before
+anything is compiled.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bpalt.argtypes import positive_float, positive_int
+from bpalt.argtypes import diagnostics_interval, positive_float, positive_int
 
 USAGE_ERROR = 2
 
@@ -35,11 +36,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--dataset", help="digits (default, bundled), mnist, fashion_mnist, kmnist, "
         "their *_t10k variants, or cifar10"
     )
-    parser.add_argument("--data-dir", help="directory with the data set's files")
+    parser.add_argument(
+        "--data-dir", help="directory with the data set's files (not for digits, which is bundled)"
+    )
     parser.add_argument("--config", help="TOML file with settings and per-rule hyperparameters")
     parser.add_argument(
         "--diagnostics-every",
-        type=int,
+        type=diagnostics_interval,
         help="log diagnostics every N steps (default 20; 0 turns them off)",
     )
     parser.add_argument(

@@ -135,6 +135,21 @@ def validate_training(settings: dict[str, Any], where: str = "") -> None:
         )
 
 
+def check_data_dir(dataset: str, data_dir) -> None:
+    """Raise ``ValueError`` when a data directory is set for the bundled digits.
+
+    ``data.load`` ignores the directory for the digits, so without this check it would be
+    recorded in ``config.json`` but never read.
+    """
+    if data_dir is None or dataset in data.FILE_DATASETS:
+        return
+    raise ValueError(
+        f"--data-dir (data_dir) {str(data_dir)!r} is not used by dataset {dataset!r}, which "
+        "is bundled with scikit-learn. --data-dir applies to the data sets read from files: "
+        f"{', '.join(data.FILE_DATASETS)}. Remove it, or choose one of those with --dataset"
+    )
+
+
 def build_network(comparison: Comparison, input_shape, num_classes: int):
     """Build the comparison's network for the data set's input shape and class count."""
     model = dict(comparison.model)
@@ -193,6 +208,7 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
     dataset = merged.get("dataset", "digits")
     if dataset not in data.DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(data.DATASETS)}")
+    check_data_dir(dataset, merged.get("data_dir"))
     losses.get(merged.get("loss", "cross_entropy"))
 
     seeds = merged.get("seeds", 3)

@@ -51,6 +51,8 @@ DATASETS: tuple[str, ...] = (
     *(name + T10K_SUFFIX for name in IDX_DATASETS),
     "cifar10",
 )
+# The data sets that ``load`` reads from a data directory: all but the bundled digits.
+FILE_DATASETS: tuple[str, ...] = tuple(name for name in DATASETS if name != "digits")
 
 # MNIST, Fashion-MNIST and KMNIST all have 10 classes.
 IDX_NUM_CLASSES = 10

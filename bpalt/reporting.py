@@ -105,13 +105,16 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
     """Summarise each held-out measure over finished seeds: mean and std at initialisation
-    and at the end."""
+    and at the end.
+
+    Every measure the rule recorded is listed, with NaN values when no seed finished.
+    """
     seeds = {r["seed"] for r in finished}
     initial = {
         r["seed"]: r for r in rule_records if r["epoch"] == 0 and r["seed"] in seeds
     }
     names = sorted(
-        {k.split("/", 1)[1] for r in finished for k in r if k.startswith("held_out/")}
+        {k.split("/", 1)[1] for r in rule_records for k in r if k.startswith("held_out/")}
     )
     summary = {}
     for name in names:
@@ -129,6 +132,10 @@ def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
 
 
 HELD_OUT_COLUMNS = ("rule", "measure", "at initialisation", "after training", "change (%)")
+NO_HELD_OUT = (
+    "Held-out measures: none, because no rule in this run recorded one "
+    "(each rule registers its own, if any)."
+)
 
 
 def held_out_rows(rows) -> list[list[str]]:
@@ -202,10 +209,15 @@ def latex_table(rows) -> str:
     return tabulate(cells, headers=COLUMNS, tablefmt="latex_raw")
 
 
-def environment() -> dict[str, str]:
-    """Package versions and a description of the machine."""
+def environment(packages=PACKAGES) -> dict[str, str]:
+    """Describe the machine and the installed version of each of ``packages``.
+
+    Returns ``{"machine": description, package: version, ...}``, with "not installed" as
+    the version of a missing package. The comparison summaries, the studies and the
+    benchmark all describe their machine with it.
+    """
     versions = {}
-    for name in PACKAGES:
+    for name in packages:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -215,7 +227,8 @@ def environment() -> dict[str, str]:
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     machine = (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, JAX devices: {len(jax.devices())} x {devices}"
+        f"{platform.processor() or 'unknown processor'}, Python "
+        f"{platform.python_version()}, JAX devices: {len(jax.devices())} x {devices}"
     )
     return {"machine": machine, **versions}
 
@@ -243,6 +256,8 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             tabulate(held_out, headers=HELD_OUT_COLUMNS, tablefmt="github"),
             "",
         ]
+    else:
+        lines += [NO_HELD_OUT, ""]
     errors = [(row["rule"], e) for row in rows for e in row["errors"]]
     if errors:
         lines += ["Failed rules:", ""] + [f"- `{rule}`: {error}" for rule, error in errors]

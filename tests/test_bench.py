@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bpalt import bench, losses, nn, rules, workloads
+from bpalt import bench, losses, nn, reporting, rules, workloads
 from bpalt.rules import registry
 from bpalt.rules.base import UpdateRule
 
@@ -85,6 +85,10 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     assert json.loads(json_path.read_text())["command"] == "tiny command"
     text = md_path.read_text()
     assert "## Targets" in text
+    assert (
+        "| W1: bp / PyTorch eager |  | <= 1 x | not measured | peers not run: --no-peers |"
+        in text
+    )
     assert "| zero | rule |" in text
     assert "rules at batch 0" not in text
 
@@ -108,6 +112,42 @@ def test_local_and_ntk_sections_follow_rules():
     assert local["skipped"] == {"gim": "not selected"}
 
 
+def _timed_row(name, median_ms):
+    return {"name": name, "median_ms": median_ms, "rounds_ms": [median_ms],
+            "ratio_to_reference": median_ms, "flops": None}
+
+
+def _peer_notes(skipped):
+    rows = [_timed_row(name, 1.0) for name in ("jax.grad + optax", "bp", "fa", "dfa", "es")]
+    targets = bench._step_targets("W1", rows, skipped, {"gflops": None})
+    return {t["target"]: t["note"] for t in targets if t["met"] is None}
+
+
+def test_peer_targets_say_no_peers_ran():
+    notes = _peer_notes({"peers": "not measured (--no-peers)"})
+
+    assert notes == {
+        "W1: bp / PyTorch eager": "peers not run: --no-peers",
+        "W1: fa / BioTorch fa": "peers not run: --no-peers",
+        "W1: dfa / BioTorch dfa": "peers not run: --no-peers",
+        "W1: es generation / evosax Open_ES": "peers not run: --no-peers",
+    }
+
+
+def test_peer_targets_give_skip_reason():
+    torch_missing = "torch is not installed (No module named 'torch'); install the `bench` extra"
+    evosax_missing = "evosax.algorithms is not installed (No module named 'evosax')"
+    skipped = {name: torch_missing for name in bench.TORCH_PEERS}
+    skipped["evosax Open_ES"] = evosax_missing
+
+    notes = _peer_notes(skipped)
+
+    assert notes["W1: bp / PyTorch eager"] == torch_missing
+    assert notes["W1: fa / BioTorch fa"] == torch_missing
+    assert notes["W1: dfa / BioTorch dfa"] == torch_missing
+    assert notes["W1: es generation / evosax Open_ES"] == evosax_missing
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -119,6 +159,18 @@ def test_local_and_ntk_sections_follow_rules():
 def test_command_line_rejects_bad_values(argv, message, capsys):
     assert bench.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_environment_shared_with_reporting():
+    shared = reporting.environment(bench.PACKAGES)
+
+    described = bench.environment()
+
+    assert described["machine"] == shared.pop("machine")
+    assert described["versions"] == shared
+    assert list(described["versions"]) == list(bench.PACKAGES)
+    for extra in ("xla_flags", "conv_default", "blas_threads"):
+        assert extra in described
 
 
 def _weight_shapes(network):

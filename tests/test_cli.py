@@ -25,6 +25,15 @@ from bpalt import cli
         (["train"], "--rule"),
         (["table", "/no/such/results"], "no results.jsonl in /no/such/results"),
         (["compare", "--config", "/no/such.toml"], "config file not found (or not a file)"),
+        (
+            ["compare", "--diagnostics-every", "-5"],
+            "argument --diagnostics-every: must be a non-negative integer (0 turns the "
+            "diagnostics off), got -5",
+        ),
+        (
+            ["compare", "--diagnostics-every", "x"],
+            "argument --diagnostics-every: expected a non-negative integer",
+        ),
     ],
 )
 def test_bad_input_one_line(arguments, message, capsys):
@@ -37,6 +46,50 @@ def test_bad_input_one_line(arguments, message, capsys):
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_diagnostics_every_zero_accepted():
+    args = cli.build_parser().parse_args(["compare", "--diagnostics-every", "0"])
+
+    assert args.diagnostics_every == 0
+
+
+def test_diagnostics_every_config_names_key(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("diagnostics_every = -5\n")
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    assert "diagnostics_every must be >= 0 (0 turns it off), got -5" in capsys.readouterr().err
+
+
+def _data_dir_option(tmp_path):
+    return ["--data-dir", str(tmp_path / "digits-files")]
+
+
+def _data_dir_in_config(tmp_path):
+    config = tmp_path / "digits.toml"
+    config.write_text(f'dataset = "digits"\ndata_dir = "{tmp_path / "digits-files"}"\n')
+    return ["--config", str(config)]
+
+
+@pytest.mark.parametrize("make_arguments", [_data_dir_option, _data_dir_in_config])
+def test_data_dir_for_digits_rejected(make_arguments, tmp_path, capsys):
+    arguments = ["compare", "--rules", "bp", *make_arguments(tmp_path)]
+
+    status = cli.main([*arguments, "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"--data-dir (data_dir) '{tmp_path / 'digits-files'}' is not used" in err
+    assert "dataset 'digits', which is bundled with scikit-learn" in err
+    assert (
+        "applies to the data sets read from files: mnist, fashion_mnist, kmnist, mnist_t10k, "
+        "fashion_mnist_t10k, kmnist_t10k, cifar10." in err
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_config_values(tmp_path, capsys):

@@ -104,6 +104,21 @@ def test_changed_config_rejected(tmp_path):
         _compare(out, 2)
 
 
+def test_data_dir_for_digits_rejected_by_api(tmp_path):
+    with pytest.raises(ValueError, match=r"is not used by dataset 'digits'"):
+        config.make_comparison({"rules": ["bp"], "data_dir": str(tmp_path)}, {})
+    with pytest.raises(ValueError, match=r"bundled with scikit-learn"):
+        config.make_comparison({"rules": ["bp"]}, {"dataset": "digits", "data_dir": tmp_path})
+
+
+def test_data_dir_kept_for_file_datasets(tmp_path):
+    for dataset in ("mnist", "mnist_t10k", "cifar10"):
+        comparison = config.make_comparison(
+            {"rules": ["bp"]}, {"dataset": dataset, "data_dir": tmp_path}
+        )
+        assert comparison.data_dir == str(tmp_path)
+
+
 def test_truncated_last_line_skipped(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}\n{"rule": "b')
