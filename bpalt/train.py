@@ -129,13 +129,20 @@ def _guarded_step(step_fn: Callable, state: TrainState, batch) -> tuple[TrainSta
 
 SEED_LOOPS = ("auto", "vmap", "map")
 
-MAP_THRESHOLD_BYTES = 100 * 2**20
+MAP_THRESHOLD_BYTES = 48 * 2**20
 """``seed_loop="auto"`` runs seeds one after another once the arrays that one seed's step
 creates add up to more than this (``intermediate_bytes``), a measure of the step's memory
-traffic. It was chosen on a 2-core CPU. Three seeds of LeNet at batch 128 (260 MiB) took
-34 ms under ``vmap`` and 17 ms under ``lax.map``. ES on the digits CNN at population 256
-(108 MiB) took 264 and 237 ms. Backprop on the digits CNN at batch 64 (24 MiB) took 2.0 ms
-under ``vmap`` and 2.7 ms under ``lax.map``."""
+traffic. It was chosen on a 2-core CPU, from three seeds under ``vmap`` against
+``lax.map``:
+
+- ``vmap`` faster: backprop on the digits CNN at batch 64 (24 MiB), 2.0 against 2.7 ms;
+  NTK linearisation there (31 MiB), 2.9 against 3.5 ms; feedback alignment (43 MiB), 1.9
+  against 2.7 ms.
+- About even: ES on the digits CNN at batch 32 (52 MiB), 73 against 74 ms.
+- ``lax.map`` faster: random features on ``patch_cnn`` at batch 64 (53 MiB), 1.4 against
+  1.5 ms; Greedy InfoMax on ``patch_cnn`` at batch 32 (64 MiB), 26 against 39 ms; ES on
+  the digits CNN at batch 64 (108 MiB), 237 against 264 ms; LeNet at batch 128 (260 MiB),
+  17 against 34 ms."""
 
 
 def intermediate_bytes(fn: Callable, *args) -> int:

@@ -206,6 +206,23 @@ def test_auto_seed_loop_follows_created_bytes(fa_rule, optimizer, seeds_state, d
     assert loop(seeds_state, large) == "map"
 
 
+def test_auto_seed_loop_maps_greedy_infomax_on_patch_cnn(optimizer):
+    # Three seeds of this step took 26 ms under lax.map and 39 ms under vmap on 2 cores;
+    # one seed creates about 64 MiB of arrays.
+    network = models.patch_cnn((28, 28, 1), 10, patch=8, stride=4, channels=[32, 32], kernel=1)
+    rule = rules.get("gim", network)
+    state = train.init_seeds(rule, network, optimizer, range(3))
+    x = jax.ShapeDtypeStruct((100, 28, 28, 1), jnp.float32)
+    y = jax.ShapeDtypeStruct((100,), jnp.int32)
+    indices = jnp.zeros((3, 32), jnp.int32)
+
+    one_seed = train._one_seed_step(rule, optimizer)
+    unbatched = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), state)
+    created = train.intermediate_bytes(one_seed, unbatched, x, y, indices[0])
+    assert created > train.MAP_THRESHOLD_BYTES
+    assert train.seed_loop_for(rule, optimizer, state, x, y, indices) == "map"
+
+
 def test_unknown_seed_loop_raises(fa_rule, optimizer):
     with pytest.raises(ValueError, match="seed_loop 'pmap'.*auto, vmap, map"):
         train.make_seeds_step(fa_rule, optimizer, seed_loop="pmap")
