@@ -12,15 +12,34 @@ import argparse
 import datetime
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from bpalt.argtypes import diagnostics_interval, positive_float, positive_int
 
 USAGE_ERROR = 2
+RESULT_FILES = ("summary.md", "summary.tex", "results.jsonl", "curves.png", "alignment.png")
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+class InterruptFlag:
+    """A SIGINT handler that raises ``KeyboardInterrupt`` and remembers that it did.
+
+    Python discards an exception raised inside a garbage-collection callback, and JAX
+    registers one, so a Ctrl-C that lands there would be lost and training would go on.
+    ``compare`` checks ``received`` after each epoch's checkpoint and stops there.
+    """
+
+    def __init__(self):
+        self.received = False
+
+    def __call__(self, signum, frame):
+        del signum, frame
+        self.received = True
+        raise KeyboardInterrupt
+
+
+def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--epochs", type=positive_int, help="epochs per run (default 40)")
     parser.add_argument(
         "--seeds", type=positive_int, help="number of seeds per rule, 0..N-1 (default 3)"
@@ -46,7 +65,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="log diagnostics every N steps (default 20; 0 turns them off)",
     )
     parser.add_argument(
-        "--out", help="output folder (default runs/compare-<UTC time>); reuse it to resume"
+        "--out", help=f"output folder (default runs/{command}-<UTC time>); reuse it to resume"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -69,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train every rule (or --rules) with several seeds and tabulate"
     )
     compare.add_argument("--rules", help="comma-separated rule names (default: all registered)")
-    _add_training_options(compare)
+    _add_training_options(compare, "compare")
 
     train = commands.add_parser("train", help="train one rule with the same options")
     train.add_argument("--rule", required=True, help="rule name, e.g. bp, fa, dfa")
-    _add_training_options(train)
+    _add_training_options(train, "train")
 
     table = commands.add_parser("table", help="re-render the tables and plots of a results folder")
     table.add_argument("results_dir", help="folder holding results.jsonl")
@@ -84,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time every rule against a hand-written JAX step and peer libraries "
         "(bpalt bench --help lists its options)",
     )
+    parser.subcommands = {"compare": compare, "train": train, "table": table}
     return parser
 
 
@@ -132,11 +152,23 @@ def _run(args, rule_names) -> int:
 
     comparison = _comparison(args, rule_names)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"runs/compare-{stamp}")
+    out = Path(args.out or f"runs/{args.command}-{stamp}")
     command = "bpalt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    rows = experiments.compare(comparison, out, command=command, show_progress=not args.quiet)
+    interrupt = InterruptFlag()
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        rows = experiments.compare(
+            comparison,
+            out,
+            command=command,
+            show_progress=not args.quiet,
+            should_stop=lambda: interrupt.received,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     _print_table(rows)
-    print(f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png, alignment.png)")
+    written = [name for name in RESULT_FILES if (out / name).exists()]
+    print(f"results in {out}/ ({', '.join(written)})")
     failed = [row["rule"] for row in rows if row["statuses"].get("failed")]
     if failed:
         print(
@@ -173,7 +205,14 @@ def main(argv=None) -> int:
         command = "bpalt " + " ".join(shlex.quote(a) for a in arguments)
         return bench.main(arguments[1:], command=command)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train" and "," in args.rule:
+        parser.subcommands["train"].error(
+            f"--rule takes one rule name, got {args.rule!r}; use bpalt compare --rules "
+            "to train several"
+        )
     if argv is not None:
         sys.argv = ["bpalt", *argv]
     try:

@@ -27,6 +27,7 @@ A TOML file looks like::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -116,8 +117,10 @@ def _positive(name: str, value, integer: bool) -> None:
         or not value > 0
         or not math.isfinite(value)
     ):
-        what = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        expected = "a positive integer" if integer else "a positive number"
+        if not isinstance(value, bool) and isinstance(value, kind) and value > 0:
+            expected = "a finite positive number"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def validate_training(settings: dict[str, Any], where: str = "") -> None:
@@ -160,6 +163,13 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
     model.setdefault("input_shape", tuple(input_shape))
     model["input_shape"] = tuple(model["input_shape"])
     model.setdefault("num_classes", num_classes)
+    accepted = inspect.signature(models.MODELS[name]).parameters
+    unknown = sorted(set(model) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown [model] setting(s) {', '.join(map(repr, unknown))} for model {name!r}; "
+            f"accepted: {', '.join(accepted)}"
+        )
     try:
         return models.MODELS[name](**model)
     except TypeError as error:

@@ -284,8 +284,15 @@ class RuleRunner:
         return records
 
 
-def run_rule(runner: RuleRunner, out: Path, log: ResultsLog, progress=None) -> None:
-    """Train one rule's seeds from its checkpoint (if any) to the last epoch."""
+def run_rule(
+    runner: RuleRunner, out: Path, log: ResultsLog, progress=None, should_stop=None
+) -> None:
+    """Train one rule's seeds from its checkpoint (if any) to the last epoch.
+
+    ``should_stop``, when given, is called after each epoch's checkpoint; if it returns
+    true, training stops there with ``KeyboardInterrupt``, and a rerun resumes from that
+    checkpoint.
+    """
     spec = runner.spec
     path = out / "checkpoints" / f"{spec.rule}.msgpack"
     state = runner.initial_state()
@@ -314,6 +321,8 @@ def run_rule(runner: RuleRunner, out: Path, log: ResultsLog, progress=None) -> N
         )
         log.append(records)
         checkpoint.save(path, state, {"epoch": epoch})
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
         if progress is not None:
             progress.update(1)
             progress.set_postfix(rule=spec.rule, epoch=epoch, refresh=False)
@@ -333,11 +342,14 @@ def compare(
     out: str | Path,
     command: str = "",
     show_progress: bool = True,
+    should_stop=None,
 ) -> list[dict[str, Any]]:
     """Train every rule of ``comparison`` and write the results folder.
 
-    A rule that raises is recorded as ``failed`` and the others still run. Returns the
-    summary rows (one per rule).
+    A rule that raises is recorded as ``failed`` and the others still run. ``should_stop``
+    (no arguments, returns a bool) is asked after every epoch's checkpoint; when it returns
+    true, ``compare`` raises ``KeyboardInterrupt`` and a rerun resumes. Returns the summary
+    rows (one per rule).
     """
     from tqdm.auto import tqdm
 
@@ -373,7 +385,7 @@ def compare(
         for spec in pending:
             try:
                 runner = RuleRunner(spec, comparison, network, dataset)
-                run_rule(runner, out, log, bar)
+                run_rule(runner, out, log, bar, should_stop)
             except Exception as error:  # one rule's failure must not lose the others
                 logger.exception("rule %s failed", spec.rule)
                 log.append(

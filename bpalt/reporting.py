@@ -98,6 +98,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "errors": sorted({r["error"] for r in ends if r.get("error")}),
                 "epochs": max((r["epoch"] for r in ends), default=-1) + 1,
                 "held_out": _held_out_summary(rule_records, ok),
+                "timed_with_compilation": bool(timing) and not epochs,
             }
         )
     return rows
@@ -247,6 +248,13 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             "",
         ]
     lines += [markdown_table(rows), ""]
+    first_epoch_only = [row["rule"] for row in rows if row.get("timed_with_compilation")]
+    if first_epoch_only:
+        lines += [
+            f"The times of {', '.join(first_epoch_only)} come from the first epoch alone, "
+            "so they include compilation.",
+            "",
+        ]
     held_out = held_out_rows(rows)
     if held_out:
         lines += [

@@ -1,6 +1,7 @@
 """The bpalt command: bad input gives one line and status 2; a tiny comparison works."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -34,6 +35,10 @@ from bpalt import cli
             ["compare", "--diagnostics-every", "x"],
             "argument --diagnostics-every: expected a non-negative integer",
         ),
+        (["compare", "--learning-rate", "inf"], "--learning-rate: must be a finite positive"),
+        (["compare", "--bogus"], "bpalt compare: error: unrecognized arguments: --bogus"),
+        (["train", "--rule", "bp", "extra"], "bpalt train: error: unrecognized arguments: extra"),
+        (["train", "--rule", "bp,fa"], "--rule takes one rule name, got 'bp,fa'"),
     ],
 )
 def test_bad_input_one_line(arguments, message, capsys):
@@ -62,6 +67,53 @@ def test_diagnostics_every_config_names_key(tmp_path, capsys):
 
     assert status == 2
     assert "diagnostics_every must be >= 0 (0 turns it off), got -5" in capsys.readouterr().err
+
+
+def test_interrupt_flag_remembers_and_raises():
+    flag = cli.InterruptFlag()
+    assert not flag.received
+
+    with pytest.raises(KeyboardInterrupt):
+        flag(signal.SIGINT, None)
+
+    assert flag.received
+
+
+def test_closing_line_names_only_written_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    status = cli.main(
+        ["train", "--rule", "bp", "--epochs", "1", "--seeds", "1", "--diagnostics-every", "0",
+         "--quiet", "--out", str(out)]
+    )
+
+    assert status == 0
+    assert not (out / "alignment.png").exists()
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing == f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png)"
+
+
+def test_config_learning_rate_must_be_finite(tmp_path, capsys):
+    config = tmp_path / "inf.toml"
+    config.write_text("learning_rate = inf\n")
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    assert "learning rate must be a finite positive number, got inf" in capsys.readouterr().err
+
+
+def test_unknown_model_setting_lists_accepted(tmp_path, capsys):
+    config = tmp_path / "typo.toml"
+    config.write_text('[model]\nname = "digits_cnn"\nchanels = [4, 8]\n')
+
+    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert (
+        "unknown [model] setting(s) 'chanels' for model 'digits_cnn'; accepted: input_shape, "
+        "num_classes, channels, w_init, activation" in err
+    )
 
 
 def _data_dir_option(tmp_path):
@@ -151,7 +203,6 @@ def test_console_script_compare(tmp_path):
         (["compare", "--rules", "bp", "--batch-size", "5000"], "batch size 5000 of rule 'bp'"),
         (["compare", "--rules="], "rules must be a non-empty list of rule names"),
         (["compare", "--rules", "bp,,fa"], "rules must be a non-empty list of rule names"),
-        (["compare", "--learning-rate", "inf"], "learning rate must be a positive number, got inf"),
     ],
 )
 def test_rejected_before_training(arguments, message, tmp_path, capsys):

@@ -171,6 +171,35 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     assert _without_timing(_all_records(killed)) == _without_timing(_all_records(reference))
 
 
+def test_should_stop_ends_after_a_checkpoint_and_rerun_resumes(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    _compare(reference, epochs=3)
+    asked = []
+
+    def stop_after_second_epoch():
+        asked.append(True)
+        return len(asked) == 2
+
+    comparison = config.make_comparison(
+        {
+            "rules": ["bp", "fa"],
+            "epochs": 3,
+            "seeds": 2,
+            "diagnostics_every": 2,
+            "model": {"name": "digits_cnn", "channels": [4, 8]},
+        },
+        {},
+    )
+    with pytest.raises(KeyboardInterrupt):
+        experiments.compare(comparison, stopped, should_stop=stop_after_second_epoch)
+
+    assert {(r["rule"], r["epoch"]) for r in _records(stopped)} == {("bp", 0), ("bp", 1)}
+    assert (stopped / "checkpoints" / "bp.msgpack").exists()
+
+    _compare(stopped, epochs=3)
+    assert _without_timing(_all_records(stopped)) == _without_timing(_all_records(reference))
+
+
 def _held_out_reference(comparison, rule_name, state, index):
     """The rule's registered measure on seed ``index`` of ``state``, computed directly."""
     dataset = experiments.load_dataset(comparison)

@@ -79,3 +79,14 @@ def test_environment_missing_package():
         "machine": reporting.environment(())["machine"],
         "bpalt-no-such-package": "not installed",
     }
+
+
+def test_summary_says_when_times_include_compilation():
+    one_epoch = [_epoch_record("bp", 0, 0), _epoch_record("fa", 0, 0), _epoch_record("fa", 0, 1)]
+
+    summary = _summary(one_epoch)
+
+    assert "The times of bp come from the first epoch alone, so they include compilation." in (
+        summary
+    )
+    assert "The times of" not in _summary(one_epoch[1:])
