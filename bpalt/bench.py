@@ -49,7 +49,7 @@ import optax
 import threadpoolctl
 from jax import lax
 
-from bpalt import checkpoint, data, losses, nn, reporting, rules, train, workloads
+from bpalt import checkpoint, losses, nn, reporting, rules, train, workloads
 from bpalt.workloads import Workload
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -77,13 +77,14 @@ class Settings:
         rounds: the timed steps are split into this many rounds, taking turns with the
             other step functions of the same workload.
         warmup: untimed steps after compilation, and one more at the start of each round.
-        batch_size: overrides every workload's batch size (tests use a tiny one).
+        batch_size: overrides every workload's batch size (tests use a tiny one). ``run``
+            raises ``ValueError`` when it is larger than a workload's training set.
         data_dir: directory with MNIST's t10k IDX files for W2; random data without it.
         peers: measure PyTorch, BioTorch and evosax when installed.
         seeds: seeds of the ``vmap`` measurement, against one seed.
-        seed_rules: rules of the seeds measurement; ``None`` measures all.
+        seed_rules: rules of the seeds measurement; ``None`` measures all, ``()`` none.
         epoch_rules: rules of the training-loop measurement (the loop does not depend on
-            the rule; ``bp`` by default).
+            the rule; ``bp`` by default, ``()`` measures none).
         seeds_budget_s: seconds the seeds measurement of one rule may take. A rule with
             slow steps (ES on W2) therefore gets fewer than ``steps`` timed steps, at least 5.
         es_population: population of the ES rule and of evosax's Open_ES.
@@ -574,14 +575,19 @@ def matmul_rate(size: int, repeats: int = 30) -> dict[str, float]:
 # --- One workload -------------------------------------------------------------------------------
 
 
-def _rule_names(settings: Settings) -> tuple[str, ...]:
+def check_rule_names(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming every entry of ``names`` that is not a registered rule."""
     registered = rules.names()
-    if settings.rules is None:
-        return registered
-    unknown = [name for name in settings.rules if name not in registered]
+    unknown = [name for name in names if name not in registered]
     if unknown:
-        names = ", ".join(repr(name) for name in unknown)
-        raise ValueError(f"unknown rule {names}; accepted: {', '.join(registered)}")
+        listed = ", ".join(repr(name) for name in unknown)
+        raise ValueError(f"unknown rule {listed}; accepted: {', '.join(registered)}")
+
+
+def _rule_names(settings: Settings) -> tuple[str, ...]:
+    if settings.rules is None:
+        return rules.names()
+    check_rule_names(settings.rules)
     return tuple(settings.rules)
 
 
@@ -906,6 +912,7 @@ def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
     """Run every measurement of one workload."""
     x, y, source = workloads.training_data(workload, settings.data_dir)
     batch_size = settings.batch_size or workload.batch_size
+    check_batch_size(workload, batch_size, x.shape[0])
     batch = workloads.first_batch(x, y, batch_size)
     log(f"{workload.name}: {source}")
     entry: dict[str, Any] = {
@@ -921,6 +928,19 @@ def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
         entry["ntk"] = ntk_times(workload, settings, x, log)
     entry["load_average_end"] = load_average()
     return entry
+
+
+def check_batch_size(workload: Workload, batch_size: int, examples: int) -> None:
+    """Raise ``ValueError`` when ``batch_size`` is larger than the training set.
+
+    ``train.run_epoch`` rejects such a batch, as ``bpalt compare`` does, so the training-loop
+    measurement could not run. The step timings would train on repeated examples.
+    """
+    if batch_size > examples:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the training set of {workload.name} "
+            f"({examples} examples); choose --batch-size {examples} or less"
+        )
 
 
 # --- Targets ------------------------------------------------------------------------------------
@@ -954,12 +974,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         targets += _step_targets(name, rows, entry["steps"]["skipped"], results["matmul"])
         for row in entry.get("seeds", []):
             if row["rule"] == "bp":
-                targets.append(
-                    _target(f"{name}: {row['seeds']} seeds / 1 seed (bp, {row['loop']})",
-                            row["ratio"], 1.6, "x",
-                            note=f"one seed at {row['seeds']}x the batch: "
-                                 f"{row['wide_ratio']:.2f}x")
-                )
+                targets.append(_seeds_target(name, row))
         local = entry.get("local_rules")
         if local:
             targets += _local_targets(local)
@@ -971,6 +986,19 @@ def evaluate_targets(results: dict) -> list[dict]:
                         best["median_ms"], 30.0, "ms", note=best["name"])
             )
     return targets
+
+
+def _seeds_target(workload: str, row) -> dict:
+    """Build the target on ``row["seeds"]`` seeds of bp in one step against one seed.
+
+    With one seed both steps train a single seed, so the target is not measured.
+    """
+    if row["seeds"] < 2:
+        return _target(f"{workload}: seeds / 1 seed (bp)", None, 1.6, "x",
+                       note=f"needs --seeds 2 or more, got {row['seeds']}")
+    return _target(f"{workload}: {row['seeds']} seeds / 1 seed (bp, {row['loop']})",
+                   row["ratio"], 1.6, "x",
+                   note=f"one seed at {row['seeds']}x the batch: {row['wide_ratio']:.2f}x")
 
 
 def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
@@ -1256,12 +1284,29 @@ def write_results(results: dict, out: Path, command: str) -> tuple[Path, Path]:
 # --- Command line -------------------------------------------------------------------------------
 
 
+USAGE_ERROR = 2
+"""Exit status for a bad command-line value, the same as in ``bpalt.cli``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, status 2, as in
+    ``bpalt compare``."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, _usage_line(self.prog, message) + "\n")
+
+
+def _usage_line(prog: str, message: str) -> str:
+    return f"{prog}: error: {message} (see {prog} --help)"
+
+
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    """Split a comma-separated list, dropping blanks and repeated names."""
+    return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bpalt bench",
         description="Time every registered rule, the hand-written JAX step and peer libraries.",
     )
@@ -1276,32 +1321,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rounds the timed steps are split into (default 10)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
                         help="untimed steps after compiling (default 3)")
-    parser.add_argument("--batch-size", type=int, help="override every workload's batch size")
+    parser.add_argument("--batch-size", type=int,
+                        help="override every workload's batch size (at most the number of "
+                        "training examples)")
     parser.add_argument("--data-dir", help="folder with MNIST t10k IDX files for W2")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch, BioTorch, evosax")
     parser.add_argument("--seeds", type=int, default=defaults.seeds,
                         help="seeds in one step, against one seed (default 3)")
     parser.add_argument("--seed-rules", type=_names,
-                        help="rules of the seeds measurement (default: all)")
+                        help="rules of the seeds measurement (default: all; an empty list "
+                        "skips it)")
     parser.add_argument("--epoch-rules", type=_names, default=defaults.epoch_rules,
-                        help="rules of the training-loop measurement (default bp)")
+                        help="rules of the training-loop measurement (default bp; an empty "
+                        "list skips it)")
     parser.add_argument("--seeds-budget", type=float, default=defaults.seeds_budget_s,
                         help="seconds the seeds measurement of one rule may take (default 30)")
     parser.add_argument("--es-population", type=int, default=defaults.es_population,
                         help="population of the ES rule and of evosax's Open_ES (default 256)")
     parser.add_argument("--local-batch", type=int, default=defaults.local_batch,
-                        help="batch of the HSIC / Greedy InfoMax comparison (0 skips it)")
+                        help="batch of the HSIC / Greedy InfoMax comparison "
+                        f"(default {defaults.local_batch}; 0 skips it)")
     parser.add_argument("--ntk-examples", type=int, default=defaults.ntk_examples,
-                        help="inputs of the empirical NTK timing (0 skips it)")
+                        help="inputs of the empirical NTK timing "
+                        f"(default {defaults.ntk_examples}; 0 skips it)")
     parser.add_argument("--matmul-size", type=int, default=defaults.matmul_size,
                         help="side of the float32 matmul that gives the machine's FLOP rate "
                         "(default 2048)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help="timed epochs of the training-loop measurement (0 skips it)")
+                        help="timed epochs of the training-loop measurement "
+                        f"(default {defaults.epochs}; 0 skips it)")
     parser.add_argument("--epoch-steps", type=int,
                         help="cap the steps of each timed epoch (default: the whole set)")
     parser.add_argument("--out", default="benchmarks",
-                        help="output path without suffix: writes OUT.md and OUT.json")
+                        help="output path without suffix: writes OUT.md and OUT.json "
+                        "(default benchmarks: benchmarks.md and benchmarks.json in the "
+                        "current folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -1323,10 +1377,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError(
             f"--seeds-budget must be a positive number of seconds, got {args.seeds_budget}"
         )
+    if not args.workloads:
+        raise ValueError(f"--workloads is empty; accepted: {', '.join(workloads.WORKLOADS)}")
     for name in args.workloads:
         workloads.get(name)
+    if args.rules is not None and not args.rules:
+        raise ValueError(f"--rules is empty; accepted: {', '.join(rules.names())}, or leave "
+                         "out --rules to measure every rule")
+    for names in (args.rules, args.seed_rules, args.epoch_rules):
+        check_rule_names(names or ())
     return Settings(
-        workloads=tuple(workloads.get(n).name for n in args.workloads),
+        workloads=tuple(dict.fromkeys(workloads.get(n).name for n in args.workloads)),
         rules=args.rules,
         steps=args.steps,
         rounds=args.rounds,
@@ -1363,32 +1424,38 @@ def check_out(out: Path) -> None:
     checkpoint.check_parent_folders(out)
 
 
-def _check_data_dir(settings: Settings) -> None:
-    """Load each workload's data set from ``settings.data_dir`` once, so that a missing or
-    incomplete folder is reported before any timing starts."""
-    if settings.data_dir is None:
-        return
+def check_training_sets(settings: Settings) -> None:
+    """Load each workload's training set and check the batch size against it.
+
+    Called before any timing starts, so that a missing or incomplete ``--data-dir`` and a
+    batch larger than the training set cost no measurement. ``run`` loads the sets again.
+    """
     for name in settings.workloads:
         workload = workloads.get(name)
-        if workload.needs_data_dir:
-            data.load(workload.dataset, settings.data_dir)
+        x, _, _ = workloads.training_data(workload, settings.data_dir)
+        check_batch_size(workload, settings.batch_size or workload.batch_size, x.shape[0])
 
 
 def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     """Run the benchmark from the command line; write ``--out``.md and ``--out``.json.
 
-    ``command`` is the command line recorded in the output (default: ``python -m
-    bpalt.bench`` and the arguments).
+    A bad value prints one line and returns ``USAGE_ERROR`` before any timing. A value
+    argparse cannot parse exits with that status instead. ``command`` is the command line
+    recorded in the output (default: ``python -m bpalt.bench`` and the arguments).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
-        _rule_names(settings)
-        _check_data_dir(settings)
+    except ValueError as error:
+        print(_usage_line(parser.prog, str(error)), file=sys.stderr)
+        return USAGE_ERROR
+    try:
         check_out(Path(args.out))
+        check_training_sets(settings)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"bpalt bench: error: {error}", file=sys.stderr)
-        return 2
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
     argv = sys.argv[1:] if argv is None else list(argv)
     if command is None:
         command = "python -m bpalt.bench " + " ".join(shlex.quote(a) for a in argv)

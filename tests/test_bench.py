@@ -161,6 +161,140 @@ def test_command_line_rejects_bad_values(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+HELP_POINTER = " (see bpalt bench --help)\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed-rules", "nope"], "unknown rule 'nope'; accepted: bp, zero"),
+        (["--epoch-rules", "bp,nope"], "unknown rule 'nope'; accepted: bp, zero"),
+        (["--rules", "nope"], "unknown rule 'nope'; accepted: bp, zero"),
+        (["--workloads", ""], "--workloads is empty; accepted: W1, W2"),
+        (["--workloads", " , "], "--workloads is empty; accepted: W1, W2"),
+        (
+            ["--rules", ""],
+            "--rules is empty; accepted: bp, zero, or leave out --rules to measure every rule",
+        ),
+        (["--steps", "0"], "--steps must be a positive integer, got 0"),
+        (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+    ],
+)
+def test_bad_value_rejected_before_timing(
+    argv, message, registry_with_new_rule, tmp_path, capsys
+):
+    out = tmp_path / "bench"
+
+    assert bench.main([*argv, "--out", str(out)]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.err == "bpalt bench: error: " + message + HELP_POINTER
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_seed_and_epoch_rules_accepted(registry_with_new_rule):
+    args = bench.build_parser().parse_args(["--seed-rules", "", "--epoch-rules", ""])
+
+    settings = bench.settings_from_args(args)
+
+    assert settings.seed_rules == ()
+    assert settings.epoch_rules == ()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+        (["--seeds-budget", "soon"], "argument --seeds-budget: invalid float value: 'soon'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_unparsable_value_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench.main(argv)
+
+    assert raised.value.code == 2
+    assert capsys.readouterr().err == "bpalt bench: error: " + message + HELP_POINTER
+
+
+def test_batch_larger_than_training_set_rejected(tmp_path, capsys):
+    examples = workloads.training_data(workloads.W1)[0].shape[0]
+    out = tmp_path / "bench"
+    argv = ["--workloads", "W1", "--batch-size", str(examples + 1), "--out", str(out)]
+
+    assert bench.main(argv) == 2
+
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"bpalt bench: error: batch size {examples + 1} is larger than the training set of W1 "
+        f"({examples} examples); choose --batch-size {examples} or less\n"
+    )
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_size_checked_against_training_set():
+    bench.check_batch_size(workloads.W1, 1437, 1437)
+
+    with pytest.raises(ValueError, match=r"^batch size 1438 is larger than the training set of "
+                       r"W1 \(1437 examples\); choose --batch-size 1437 or less$"):
+        bench.check_batch_size(workloads.W1, 1438, 1437)
+
+
+def test_run_workload_rejects_batch_before_timing():
+    examples = workloads.training_data(workloads.W1)[0].shape[0]
+    settings = bench.Settings(**{**TINY, "batch_size": examples + 1})
+    logged = []
+
+    with pytest.raises(ValueError, match=f"batch size {examples + 1} is larger"):
+        bench.run_workload(workloads.W1, settings, logged.append)
+
+    assert logged == []
+
+
+def test_help_states_defaults(capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench.main(["--help"])
+
+    assert raised.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "batch of the HSIC / Greedy InfoMax comparison (default 256; 0 skips it)" in text
+    assert "inputs of the empirical NTK timing (default 64; 0 skips it)" in text
+    assert "timed epochs of the training-loop measurement (default 2; 0 skips it)" in text
+    assert (
+        "writes OUT.md and OUT.json (default benchmarks: benchmarks.md and benchmarks.json "
+        "in the current folder)" in text
+    )
+
+
+def _seeds_results(seeds):
+    row = {"rule": "bp", "seeds": seeds, "loop": "map", "ratio": 1.2, "wide_ratio": 1.5}
+    entry = {"steps": {"rows": [], "skipped": {}}, "seeds": [row]}
+    return {"workloads": {"W1": entry}, "matmul": {"gflops": None}}
+
+
+def test_seeds_target_not_measured_with_one_seed():
+    targets = bench.evaluate_targets(_seeds_results(1))
+
+    assert targets == [{
+        "target": "W1: seeds / 1 seed (bp)", "measured": None, "limit": 1.6, "unit": "x",
+        "at_least": False, "met": None, "note": "needs --seeds 2 or more, got 1",
+    }]
+    rendered = bench._target_lines(targets)
+    assert ("| W1: seeds / 1 seed (bp) |  | <= 1.6 x | not measured | "
+            "needs --seeds 2 or more, got 1 |") in rendered
+
+
+def test_seeds_target_measured_with_several_seeds():
+    targets = bench.evaluate_targets(_seeds_results(3))
+
+    assert [t["target"] for t in targets] == ["W1: 3 seeds / 1 seed (bp, map)"]
+    assert targets[0]["measured"] == 1.2
+    assert targets[0]["met"] is True
+    assert targets[0]["note"] == "one seed at 3x the batch: 1.50x"
+
+
 def test_environment_shared_with_reporting():
     shared = reporting.environment(bench.PACKAGES)
 
@@ -253,3 +387,12 @@ def test_default_convolution_derivatives_match_xla(case):
     hvp = jax.jvp(jax.grad(loss(ours), 1), (x, w), (dx, dw))[1]
     hvp_ref = jax.jvp(jax.grad(loss(xla), 1), (x, w), (dx, dw))[1]
     np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_repeated_names_measured_once():
+    args = bench.build_parser().parse_args(["--workloads", "W1,w1", "--rules", "bp,fa,bp"])
+
+    settings = bench.settings_from_args(args)
+
+    assert settings.workloads == ("W1",)
+    assert settings.rules == ("bp", "fa")
