@@ -361,7 +361,14 @@ def compare(
     for spec in specs:
         # Build every rule first, so that a bad hyperparameter or batch size is reported
         # before anything trains.
-        rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
+        try:
+            rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
+        except ValueError as error:
+            # Hyperparameters come from the config's [rule.NAME] table; name it, as the
+            # errors about that table's training keys do.
+            if not spec.hyperparameters:
+                raise
+            raise ValueError(f"[rule.{spec.rule}]: {error}") from None
         if spec.batch_size > dataset.x_train.shape[0]:
             raise ValueError(
                 f"batch size {spec.batch_size} of rule {spec.rule!r} is larger than the "

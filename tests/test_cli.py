@@ -220,7 +220,9 @@ def test_bad_hyperparameter_value_rejected(tmp_path, capsys):
     status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
 
     assert status == 2
-    assert "feedback_scale must be a positive number, got -1.0" in capsys.readouterr().err
+    assert "[rule.fa]: feedback_scale must be a positive number, got -1.0" in (
+        capsys.readouterr().err
+    )
 
 
 def test_out_is_a_file_rejected(tmp_path, capsys):
