@@ -1,7 +1,8 @@
-"""Value types for ``argparse`` options, shared by the ``bpalt`` command and the studies.
+"""Command-line parsing shared by the ``bpalt`` command, the benchmark and the studies.
 
-Each turns the option's text into a number or raises ``argparse.ArgumentTypeError``, which
-argparse reports as ``argument --name: <message>`` with exit status 2.
+``OneLineParser`` reports a usage error as one line with exit status ``USAGE_ERROR``. The
+value types turn an option's text into a number or raise ``argparse.ArgumentTypeError``,
+which argparse reports as ``argument --name: <message>``.
 """
 
 from __future__ import annotations
@@ -9,16 +10,36 @@ from __future__ import annotations
 import argparse
 import math
 
+USAGE_ERROR = 2
+"""Exit status for a bad command-line value."""
 
-def positive_int(text: str) -> int:
-    """Parse a positive integer option such as ``--epochs 40``."""
+
+def usage_line(prog: str, message: str) -> str:
+    """Format a usage error as ``prog: error: message (see prog --help)``."""
+    return f"{prog}: error: {message} (see {prog} --help)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, status ``USAGE_ERROR``."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, usage_line(self.prog, message) + "\n")
+
+
+def _integer(text: str, minimum: int, kind: str) -> int:
+    """Parse an integer of at least ``minimum``. ``kind`` describes it in the messages."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse a positive integer option such as ``--epochs 40``."""
+    return _integer(text, 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
@@ -36,14 +57,4 @@ def positive_float(text: str) -> float:
 
 def diagnostics_interval(text: str) -> int:
     """Parse ``--diagnostics-every``: a step count, or 0 to turn the diagnostics off."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer (0 turns the diagnostics off), got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a non-negative integer (0 turns the diagnostics off), got {value}"
-        )
-    return value
+    return _integer(text, 0, "a non-negative integer (0 turns the diagnostics off)")

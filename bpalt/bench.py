@@ -50,6 +50,7 @@ import threadpoolctl
 from jax import lax
 
 from bpalt import checkpoint, losses, nn, reporting, rules, train, workloads
+from bpalt.argtypes import USAGE_ERROR, OneLineParser, usage_line
 from bpalt.workloads import Workload
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -1284,29 +1285,13 @@ def write_results(results: dict, out: Path, command: str) -> tuple[Path, Path]:
 # --- Command line -------------------------------------------------------------------------------
 
 
-USAGE_ERROR = 2
-"""Exit status for a bad command-line value, the same as in ``bpalt.cli``."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line on stderr, status 2, as in
-    ``bpalt compare``."""
-
-    def error(self, message):
-        self.exit(USAGE_ERROR, _usage_line(self.prog, message) + "\n")
-
-
-def _usage_line(prog: str, message: str) -> str:
-    return f"{prog}: error: {message} (see {prog} --help)"
-
-
 def _names(text: str) -> tuple[str, ...]:
     """Split a comma-separated list, dropping blanks and repeated names."""
     return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="bpalt bench",
         description="Time every registered rule, the hand-written JAX step and peer libraries.",
     )
@@ -1448,7 +1433,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as error:
-        print(_usage_line(parser.prog, str(error)), file=sys.stderr)
+        print(usage_line(parser.prog, str(error)), file=sys.stderr)
         return USAGE_ERROR
     try:
         check_out(Path(args.out))

@@ -14,11 +14,17 @@ import logging
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from bpalt.argtypes import diagnostics_interval, positive_float, positive_int
+from bpalt.argtypes import (
+    USAGE_ERROR,
+    OneLineParser,
+    diagnostics_interval,
+    positive_float,
+    positive_int,
+)
 
-USAGE_ERROR = 2
 RESULT_FILES = ("summary.md", "summary.tex", "results.jsonl", "curves.png", "alignment.png")
 
 
@@ -70,19 +76,12 @@ def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line on stderr, status 2."""
-
-    def error(self, message):
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="bpalt",
         description="Train one CNN with many update rules side by side and compare them.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     compare = commands.add_parser(
         "compare", help="train every rule (or --rules) with several seeds and tabulate"
@@ -155,7 +154,9 @@ def _run(args, rule_names) -> int:
     out = Path(args.out or f"runs/{args.command}-{stamp}")
     command = "bpalt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     interrupt = InterruptFlag()
-    previous = signal.signal(signal.SIGINT, interrupt)
+    # Python accepts signal handlers from the main thread only.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt) if in_main_thread else None
     try:
         rows = experiments.compare(
             comparison,
@@ -165,7 +166,8 @@ def _run(args, rule_names) -> int:
             should_stop=lambda: interrupt.received,
         )
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     _print_table(rows)
     written = [name for name in RESULT_FILES if (out / name).exists()]
     print(f"results in {out}/ ({', '.join(written)})")

@@ -364,8 +364,8 @@ def compare(
         try:
             rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
         except ValueError as error:
-            # Hyperparameters come from the config's [rule.NAME] table; name it, as the
-            # errors about that table's training keys do.
+            # Hyperparameters come from the config's [rule.NAME] table, so the message names
+            # that table, as the errors about its training keys do.
             if not spec.hyperparameters:
                 raise
             raise ValueError(f"[rule.{spec.rule}]: {error}") from None

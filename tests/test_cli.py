@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -53,6 +54,13 @@ def test_bad_input_one_line(arguments, message, capsys):
     assert "Traceback" not in err
 
 
+def _compare_with_config(tmp_path, text):
+    """Write ``text`` as a config file and run ``bpalt compare`` on it; return the status."""
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    return cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+
+
 def test_diagnostics_every_zero_accepted():
     args = cli.build_parser().parse_args(["compare", "--diagnostics-every", "0"])
 
@@ -60,10 +68,7 @@ def test_diagnostics_every_zero_accepted():
 
 
 def test_diagnostics_every_config_names_key(tmp_path, capsys):
-    config = tmp_path / "bad.toml"
-    config.write_text("diagnostics_every = -5\n")
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+    status = _compare_with_config(tmp_path, "diagnostics_every = -5\n")
 
     assert status == 2
     assert "diagnostics_every must be >= 0 (0 turns it off), got -5" in capsys.readouterr().err
@@ -79,6 +84,19 @@ def test_interrupt_flag_remembers_and_raises():
     assert flag.received
 
 
+def test_train_runs_outside_main_thread(tmp_path):
+    statuses = []
+    arguments = ["train", "--rule", "bp", "--epochs", "1", "--seeds", "1", "--quiet"]
+    worker = threading.Thread(
+        target=lambda: statuses.append(cli.main([*arguments, "--out", str(tmp_path / "out")]))
+    )
+
+    worker.start()
+    worker.join()
+
+    assert statuses == [0]
+
+
 def test_closing_line_names_only_written_files(tmp_path, capsys):
     out = tmp_path / "out"
     status = cli.main(
@@ -92,21 +110,15 @@ def test_closing_line_names_only_written_files(tmp_path, capsys):
     assert closing == f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png)"
 
 
-def test_config_learning_rate_must_be_finite(tmp_path, capsys):
-    config = tmp_path / "inf.toml"
-    config.write_text("learning_rate = inf\n")
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+def test_config_rejects_inf_learning_rate(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, "learning_rate = inf\n")
 
     assert status == 2
     assert "learning rate must be a finite positive number, got inf" in capsys.readouterr().err
 
 
-def test_unknown_model_setting_lists_accepted(tmp_path, capsys):
-    config = tmp_path / "typo.toml"
-    config.write_text('[model]\nname = "digits_cnn"\nchanels = [4, 8]\n')
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+def test_unknown_model_key_lists_accepted(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nchanels = [4, 8]\n')
 
     assert status == 2
     err = capsys.readouterr().err
@@ -145,10 +157,9 @@ def test_data_dir_for_digits_rejected(make_arguments, tmp_path, capsys):
 
 
 def test_bad_config_values(tmp_path, capsys):
-    config = tmp_path / "bad.toml"
-    config.write_text('rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\nlearning_rate = 0.0\n')
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+    status = _compare_with_config(
+        tmp_path, 'rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\nlearning_rate = 0.0\n'
+    )
 
     assert status == 2
     err = capsys.readouterr().err
@@ -157,20 +168,16 @@ def test_bad_config_values(tmp_path, capsys):
 
 
 def test_unknown_hyperparameter(tmp_path, capsys):
-    config = tmp_path / "bad.toml"
-    config.write_text('rules = ["fa"]\n[rule.fa]\nfeedback_sclae = 2.0\n')
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+    status = _compare_with_config(tmp_path, 'rules = ["fa"]\n[rule.fa]\nfeedback_sclae = 2.0\n')
 
     assert status == 2
     assert "unknown hyperparameter(s) feedback_sclae for rule 'fa'" in capsys.readouterr().err
 
 
 def test_shape_mismatch_rejected(tmp_path, capsys):
-    config = tmp_path / "fixed.toml"
-    config.write_text('rules = ["bp"]\n[model]\nname = "digits_cnn"\ninput_shape = [28, 28, 1]\n')
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+    status = _compare_with_config(
+        tmp_path, 'rules = ["bp"]\n[model]\nname = "digits_cnn"\ninput_shape = [28, 28, 1]\n'
+    )
 
     assert status == 2
     err = capsys.readouterr().err
@@ -214,10 +221,7 @@ def test_rejected_before_training(arguments, message, tmp_path, capsys):
 
 
 def test_bad_hyperparameter_value_rejected(tmp_path, capsys):
-    config = tmp_path / "bad.toml"
-    config.write_text('rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\n')
-
-    status = cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+    status = _compare_with_config(tmp_path, 'rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\n')
 
     assert status == 2
     assert "[rule.fa]: feedback_scale must be a positive number, got -1.0" in (

@@ -171,14 +171,14 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     assert _without_timing(_all_records(killed)) == _without_timing(_all_records(reference))
 
 
-def test_should_stop_ends_after_a_checkpoint_and_rerun_resumes(tmp_path):
+def test_should_stop_then_resume(tmp_path):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     _compare(reference, epochs=3)
-    asked = []
+    calls = []
 
     def stop_after_second_epoch():
-        asked.append(True)
-        return len(asked) == 2
+        calls.append(True)
+        return len(calls) == 2
 
     comparison = config.make_comparison(
         {

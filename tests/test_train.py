@@ -206,9 +206,9 @@ def test_auto_seed_loop_follows_created_bytes(fa_rule, optimizer, seeds_state, d
     assert loop(seeds_state, large) == "map"
 
 
-def test_auto_seed_loop_maps_greedy_infomax_on_patch_cnn(optimizer):
-    # Three seeds of this step took 26 ms under lax.map and 39 ms under vmap on 2 cores;
-    # one seed creates about 64 MiB of arrays.
+def test_auto_loop_maps_gim_patch_cnn(optimizer):
+    # One seed of this step creates about 64 MiB of arrays. Three seeds took 26 ms under
+    # lax.map and 39 ms under vmap on 2 cores.
     network = models.patch_cnn((28, 28, 1), 10, patch=8, stride=4, channels=[32, 32], kernel=1)
     rule = rules.get("gim", network)
     state = train.init_seeds(rule, network, optimizer, range(3))
