@@ -123,6 +123,30 @@ def _positive(name: str, value, integer: bool) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+def seed_list(seeds) -> tuple[int, ...]:
+    """Seeds from a count ``N`` (seeds ``0 .. N-1``) or an explicit list of seeds.
+
+    Raises:
+        ValueError: unless ``seeds`` is a positive integer or a non-empty list of distinct
+            non-negative integers.
+    """
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        _positive("seed count", seeds, integer=True)
+        return tuple(range(seeds))
+    valid = (
+        isinstance(seeds, (list, tuple))
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        and len(set(seeds)) == len(seeds)
+    )
+    if not valid:
+        raise ValueError(
+            "seeds must be a positive count (seeds 0 .. N-1) or a non-empty list of distinct "
+            f"non-negative integers, got {seeds!r}"
+        )
+    return tuple(seeds)
+
+
 def validate_training(settings: dict[str, Any], where: str = "") -> None:
     """Raise ``ValueError`` on a non-positive epoch count, batch size or learning rate."""
     prefix = f"{where}: " if where else ""
@@ -204,7 +228,11 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
     rule_names = merged.get("rules", list(rules.names()))
     if isinstance(rule_names, str):
         rule_names = [name.strip() for name in rule_names.split(",")]
-    if not rule_names or any(not name for name in rule_names):
+    if (
+        not isinstance(rule_names, (list, tuple))
+        or not rule_names
+        or any(not isinstance(name, str) or not name for name in rule_names)
+    ):
         raise ValueError(
             f"rules must be a non-empty list of rule names, got {merged.get('rules')!r}; "
             f"accepted: {', '.join(rules.names())}"
@@ -221,14 +249,7 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
     check_data_dir(dataset, merged.get("data_dir"))
     losses.get(merged.get("loss", "cross_entropy"))
 
-    seeds = merged.get("seeds", 3)
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        _positive("seed count", seeds, integer=True)
-        seeds = tuple(range(seeds))
-    else:
-        seeds = tuple(int(s) for s in seeds)
-        if not seeds:
-            raise ValueError("seeds must list at least one seed")
+    seeds = seed_list(merged.get("seeds", 3))
 
     training = {key: merged[key] for key in GLOBAL_TRAINING if key in merged}
     validate_training(training)
@@ -260,6 +281,11 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
     model = merged.get("model", {"name": "digits_cnn"})
     if isinstance(model, str):
         model = {"name": model}
+    if not isinstance(model, dict):
+        raise ValueError(
+            f"model must be a model name or a [model] table, got {model!r}; "
+            f"accepted names: {', '.join(models.MODELS)}"
+        )
 
     return Comparison(
         rules=tuple(rule_names),

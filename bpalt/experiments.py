@@ -76,7 +76,13 @@ def _fingerprint(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_output(out: Path, record: dict[str, Any]) -> None:
-    """Create ``out`` with ``config.json``, or check that an existing one matches ``record``."""
+    """Create ``out`` with ``config.json``, or check that an existing one matches ``record``.
+
+    Raises:
+        ValueError: if ``out`` is a file, lies under a file, or is a folder that holds files
+            but no ``config.json``.
+        ConfigMismatchError: if ``out`` holds a comparison with other settings.
+    """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; name a folder")
     checkpoint.check_parent_folders(out)
@@ -95,6 +101,13 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
                 "choose another --out or the same settings to resume"
             )
         return
+    if out.is_dir() and any(out.iterdir()):
+        # Its files could share names with the results (summary.md, results.jsonl) and be
+        # overwritten.
+        raise ValueError(
+            f"--out {out} already holds files but no comparison (no config.json); "
+            "choose a new or empty folder, or the folder of an earlier run to resume it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomic(path, json.dumps(record, indent=2, sort_keys=True))
 

@@ -117,6 +117,42 @@ def test_config_rejects_inf_learning_rate(tmp_path, capsys):
     assert "learning rate must be a finite positive number, got inf" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('seeds = "abc"', "seeds must be a positive count (seeds 0 .. N-1) or a non-empty "
+         "list of distinct non-negative integers, got 'abc'"),
+        ("seeds = [1.5]", "got [1.5]"),
+        ("seeds = 2.0", "got 2.0"),
+        ("seeds = true", "got True"),
+        ("seeds = [-1]", "got [-1]"),
+        ("seeds = [1, 1]", "got [1, 1]"),
+        ("seeds = []", "got []"),
+        ("rules = 5", "rules must be a non-empty list of rule names, got 5; accepted: bp"),
+        ("rules = [1]", "rules must be a non-empty list of rule names, got [1]"),
+        ("model = 3", "model must be a model name or a [model] table, got 3; accepted names: "
+         "digits_cnn"),
+        ("model = []", "model must be a model name or a [model] table, got []"),
+    ],
+)
+def test_config_value_of_wrong_type_rejected(tmp_path, capsys, line, message):
+    status = _compare_with_config(tmp_path, line + "\n")
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_seed_list_kept():
+    from bpalt import config
+
+    comparison = config.make_comparison({"rules": ["bp"], "seeds": [4, 7]}, {})
+
+    assert comparison.seeds == (4, 7)
+
+
 def test_unknown_model_key_lists_accepted(tmp_path, capsys):
     status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nchanels = [4, 8]\n')
 

@@ -104,6 +104,27 @@ def test_changed_config_rejected(tmp_path):
         _compare(out, 2)
 
 
+def test_folder_with_other_files_rejected(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes\n")
+
+    with pytest.raises(ValueError, match=r"already holds files but no comparison"):
+        _compare(out, 1)
+
+    assert (out / "summary.md").read_text() == "my notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["summary.md"]
+
+
+def test_empty_existing_folder_accepted(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+
+    _compare(out, 1)
+
+    assert (out / "results.jsonl").exists()
+
+
 def test_data_dir_for_digits_rejected_by_api(tmp_path):
     with pytest.raises(ValueError, match=r"is not used by dataset 'digits'"):
         config.make_comparison({"rules": ["bp"], "data_dir": str(tmp_path)}, {})
