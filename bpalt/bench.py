@@ -1128,6 +1128,20 @@ def _step_lines(entry) -> list[str]:
     return lines + ([""] if entry["steps"]["skipped"] else [])
 
 
+SMALL_MATMUL = 1024
+"""Matmul side below which the measured rate understates the machine's."""
+
+
+def _small_matmul_note(size: int) -> str:
+    """A warning when ``--matmul-size`` is too small to measure the machine's rate."""
+    if size >= SMALL_MATMUL:
+        return ""
+    return (
+        f" A {size}x{size} matmul is too small to reach the machine's rate (use at least "
+        f"{SMALL_MATMUL}), so the FLOP fractions below overstate the steps' efficiency."
+    )
+
+
 def gflops(row) -> float | None:
     """Return a row's achieved GFLOP/s from its FLOP count and median time, or None."""
     return None if not row.get("flops") else row["flops"] / (row["median_ms"] * 1e-3) / 1e9
@@ -1229,7 +1243,8 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
         "",
         *_target_lines(results["targets"]),
         f"Matmul rate: float32 {results['matmul']['size']}x{results['matmul']['size']} in "
-        f"{results['matmul']['median_ms']:.2f} ms, {results['matmul']['gflops']:.1f} GFLOP/s.",
+        f"{results['matmul']['median_ms']:.2f} ms, {results['matmul']['gflops']:.1f} GFLOP/s."
+        + _small_matmul_note(results["matmul"]["size"]),
         "",
     ]
     for name, entry in results["workloads"].items():

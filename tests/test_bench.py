@@ -91,6 +91,7 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     )
     assert "| zero | rule |" in text
     assert "rules at batch 0" not in text
+    assert "A 64x64 matmul is too small to reach the machine's rate (use at least 1024)" in text
 
     assert md_path.stat().st_mode & 0o777 == 0o666 & ~_umask()
     md_path.write_text(text + "Hand-written analysis.\n")
@@ -396,3 +397,8 @@ def test_repeated_names_measured_once():
 
     assert settings.workloads == ("W1",)
     assert settings.rules == ("bp", "fa")
+
+
+def test_small_matmul_note_only_below_threshold():
+    assert bench._small_matmul_note(bench.SMALL_MATMUL) == ""
+    assert "overstate" in bench._small_matmul_note(bench.SMALL_MATMUL // 2)
