@@ -14,7 +14,6 @@ from bpalt import (
     nn,
     ntk,
     rules,
-    studies,
     train,
 )
 from bpalt.nn import Layer, Network
@@ -22,6 +21,20 @@ from bpalt.rules import UpdateRule
 from bpalt.train import make_train_step
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Import ``bpalt.studies`` on first access to ``bpalt.studies``.
+
+    An eager import would put ``bpalt.studies`` in ``sys.modules`` before
+    ``python -m bpalt.studies`` runs it as ``__main__``, and runpy warns about that.
+    """
+    if name == "studies":
+        import importlib
+
+        return importlib.import_module("bpalt.studies")
+    raise AttributeError(f"module 'bpalt' has no attribute {name!r}")
+
 
 __all__ = [
     "Layer",

@@ -36,6 +36,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -1128,6 +1129,8 @@ def _step_lines(entry) -> list[str]:
     return lines + ([""] if entry["steps"]["skipped"] else [])
 
 
+MAX_MATMUL = 8192
+"""Largest ``--matmul-size``: its three float32 matrices take 768 MiB."""
 SMALL_MATMUL = 1024
 """Matmul side below which the measured rate understates the machine's."""
 
@@ -1301,8 +1304,13 @@ def write_results(results: dict, out: Path, command: str) -> tuple[Path, Path]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    """Split a comma-separated list, dropping blanks and repeated names."""
-    return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    """Split a comma-separated list, dropping repeated names; blanks alone are the empty list."""
+    names = [part.strip() for part in text.split(",")]
+    if not any(names):
+        return ()
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return tuple(dict.fromkeys(names))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1373,6 +1381,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.matmul_size > MAX_MATMUL:
+        raise ValueError(
+            f"--matmul-size must be at most {MAX_MATMUL} (three {MAX_MATMUL}x{MAX_MATMUL} "
+            f"float32 matrices take 768 MiB), got {args.matmul_size}"
+        )
+    if args.es_population < 2 or args.es_population % 2:
+        raise ValueError(
+            "--es-population must be an even integer >= 2 (the ES rule samples antithetic "
+            f"pairs), got {args.es_population}"
+        )
+    if args.data_dir is not None and not any(
+        workloads.get(name).needs_data_dir for name in args.workloads
+    ):
+        raise ValueError(
+            f"--data-dir {args.data_dir} is not used by workload(s) "
+            f"{', '.join(args.workloads)}; only W2 reads MNIST from a folder. Remove it, or "
+            "add W2 to --workloads"
+        )
     if not math.isfinite(args.seeds_budget) or args.seeds_budget <= 0:
         raise ValueError(
             f"--seeds-budget must be a positive number of seconds, got {args.seeds_budget}"
@@ -1421,7 +1447,7 @@ def check_out(out: Path) -> None:
     for path in (out.with_suffix(".md"), out.with_suffix(".json")):
         if path.is_dir():
             raise ValueError(f"--out would write {path}, which is a folder; choose another --out")
-    checkpoint.check_parent_folders(out)
+    checkpoint.check_writable(out)
 
 
 def check_training_sets(settings: Settings) -> None:
@@ -1469,9 +1495,24 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     # Spinning OpenBLAS threads slow XLA down (see ``cli.limit_blas_threads``).
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         results = run(settings, log)
-    md_path, json_path = write_results(results, Path(args.out), command.strip())
+    try:
+        md_path, json_path = write_results(results, Path(args.out), command.strip())
+    except OSError as error:
+        # The folder was checked before timing, but it can still change during the run.
+        rescue = _rescue(results, command.strip())
+        print(f"{parser.prog}: error: cannot write {args.out}.md or .json ({error}); the "
+              f"measurements are in {rescue}", file=sys.stderr)
+        return 1
     print(f"wrote {md_path} and {json_path}")
     return 0
+
+
+def _rescue(results: dict, command: str) -> Path:
+    """Write ``results`` as JSON to a new file in the system's temporary folder."""
+    handle, path = tempfile.mkstemp(prefix="bpalt-bench-", suffix=".json")
+    with os.fdopen(handle, "w") as file:
+        json.dump({**results, "command": command}, file, indent=1, default=str)
+    return Path(path)
 
 
 if __name__ == "__main__":

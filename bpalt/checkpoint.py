@@ -32,6 +32,27 @@ def check_parent_folders(out: Path, option: str = "--out") -> None:
             return
 
 
+def check_writable(out: str | Path, option: str = "--out") -> None:
+    """Raise ``ValueError`` unless a file can be created in ``out`` or its nearest parent.
+
+    Probes by creating and removing a temporary file, which also catches what permission
+    bits do not show (a read-only mount, an immutable folder, a pseudo-filesystem). Called
+    before a command computes anything, so that an unwritable output costs no work.
+    """
+    out = Path(out)
+    check_parent_folders(out, option)
+    folder = next((p for p in (out, *out.parents) if p.is_dir()), Path("."))
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".bpalt-write-check-")
+    except OSError as error:
+        raise ValueError(
+            f"{option} {out}: cannot create files in {folder} ({error.strerror}); "
+            "choose a folder you can write to"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 def write_atomic(path: str | Path, content: bytes | str) -> None:
     """Write ``content`` to a temporary file in the same folder, then rename it over ``path``.
 

@@ -121,7 +121,7 @@ def _comparison(args, rule_names):
         "data_dir": args.data_dir,
         "diagnostics_every": args.diagnostics_every,
     }
-    return config.make_comparison(file_settings, overrides)
+    return config.make_comparison(file_settings, overrides, source=args.config)
 
 
 def _print_table(rows) -> None:
@@ -149,6 +149,11 @@ def _print_table(rows) -> None:
 def _run(args, rule_names) -> int:
     from bpalt import experiments
 
+    if args.out is not None and not args.out.strip():
+        raise ValueError(
+            f"--out is empty; name a folder, or leave out --out to write to "
+            f"runs/{args.command}-<UTC time>"
+        )
     comparison = _comparison(args, rule_names)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/{args.command}-{stamp}")
@@ -231,6 +236,11 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"bpalt {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except OSError as error:
+        # A folder or file that became unwritable after the checks; results.jsonl and
+        # the checkpoints written so far stay, so a rerun resumes.
+        print(f"bpalt {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"bpalt {args.command}: interrupted; rerun with the same --out to resume",

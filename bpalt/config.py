@@ -123,28 +123,43 @@ def _positive(name: str, value, integer: bool) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+MAX_SEEDS = 1000
+"""Largest number of seeds per rule in one comparison; every seed's state is in memory at once."""
+
+
 def seed_list(seeds) -> tuple[int, ...]:
     """Seeds from a count ``N`` (seeds ``0 .. N-1``) or an explicit list of seeds.
 
     Raises:
         ValueError: unless ``seeds`` is a positive integer or a non-empty list of distinct
-            non-negative integers.
+            integers below ``2**32`` (JAX's keys keep the low 32 bits only: seed ``2**32``
+            would repeat seed 0), with at most ``MAX_SEEDS`` seeds either way.
     """
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         _positive("seed count", seeds, integer=True)
+        _check_seed_count(seeds)
         return tuple(range(seeds))
     valid = (
         isinstance(seeds, (list, tuple))
         and seeds
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)
         and len(set(seeds)) == len(seeds)
     )
     if not valid:
         raise ValueError(
             "seeds must be a positive count (seeds 0 .. N-1) or a non-empty list of distinct "
-            f"non-negative integers, got {seeds!r}"
+            f"integers from 0 to 2**32 - 1, got {seeds!r}"
         )
+    _check_seed_count(len(seeds))
     return tuple(seeds)
+
+
+def _check_seed_count(count: int) -> None:
+    if count > MAX_SEEDS:
+        raise ValueError(
+            f"a comparison takes at most {MAX_SEEDS} seeds per rule, got {count}; split a "
+            "larger study into several comparisons with explicit seed lists"
+        )
 
 
 def validate_training(settings: dict[str, Any], where: str = "") -> None:
@@ -194,6 +209,11 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
             f"unknown [model] setting(s) {', '.join(map(repr, unknown))} for model {name!r}; "
             f"accepted: {', '.join(accepted)}"
         )
+    for key, value in model.items():
+        # The model functions annotate list-valued settings as ``Sequence[int]``; a string
+        # there would be split into characters.
+        if accepted[key].annotation == "Sequence[int]" and not isinstance(value, (list, tuple)):
+            raise ValueError(f"[model] {key} must be a list of integers, got {value!r}")
     try:
         return models.MODELS[name](**model)
     except TypeError as error:
@@ -210,38 +230,25 @@ def with_baselines(rule_names) -> tuple[str, ...]:
     return tuple(names)
 
 
-def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) -> Comparison:
+def make_comparison(
+    file_settings: dict[str, Any], overrides: dict[str, Any], source: str | None = None
+) -> Comparison:
     """Merge TOML settings and command-line overrides into a validated ``Comparison``.
+
+    The file's values are checked on their own first, so that a bad one is reported even
+    where the command line overrides it, with ``source`` at the start of the message.
 
     Args:
         file_settings: the parsed TOML file (empty without one).
         overrides: command-line values that were set (``None`` entries are ignored).
+        source: where ``file_settings`` came from, such as the TOML file's path.
     """
-    unknown = sorted(set(file_settings) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(sorted(TOP_LEVEL_KEYS))}"
-        )
+    try:
+        _check_values(file_settings)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}" if source else str(error)) from None
     merged = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
-
-    rule_names = merged.get("rules", list(rules.names()))
-    if isinstance(rule_names, str):
-        rule_names = [name.strip() for name in rule_names.split(",")]
-    if (
-        not isinstance(rule_names, (list, tuple))
-        or not rule_names
-        or any(not isinstance(name, str) or not name for name in rule_names)
-    ):
-        raise ValueError(
-            f"rules must be a non-empty list of rule names, got {merged.get('rules')!r}; "
-            f"accepted: {', '.join(rules.names())}"
-        )
-    for name in rule_names:
-        rules.constructor(name)
-    if len(set(rule_names)) != len(rule_names):
-        raise ValueError(f"rules must not repeat, got {rule_names}")
-    rule_names = with_baselines(rule_names)
+    _check_values(merged)
 
     dataset = merged.get("dataset", "digits")
     if dataset not in data.DATASETS:
@@ -249,11 +256,62 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
     check_data_dir(dataset, merged.get("data_dir"))
     losses.get(merged.get("loss", "cross_entropy"))
 
-    seeds = seed_list(merged.get("seeds", 3))
-
-    training = {key: merged[key] for key in GLOBAL_TRAINING if key in merged}
-    validate_training(training)
     rule_settings = merged.get("rule", {})
+    return Comparison(
+        rules=with_baselines(_rule_names(merged.get("rules", list(rules.names())))),
+        dataset=dataset,
+        data_dir=None if merged.get("data_dir") is None else str(merged["data_dir"]),
+        model=_model_table(merged.get("model", "digits_cnn")),
+        loss=merged.get("loss", "cross_entropy"),
+        seeds=seed_list(merged.get("seeds", 3)),
+        diagnostics_every=merged.get("diagnostics_every", 20),
+        training={key: merged[key] for key in GLOBAL_TRAINING if key in merged},
+        rule_settings={name: dict(s) for name, s in rule_settings.items()},
+    )
+
+
+def _check_values(settings: dict[str, Any]) -> None:
+    """Raise ``ValueError`` on an unknown key or a value that is bad on its own."""
+    unknown = sorted(set(settings) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+        )
+    if "rules" in settings:
+        _rule_names(settings["rules"])
+    if "seeds" in settings:
+        seed_list(settings["seeds"])
+    validate_training({key: settings[key] for key in GLOBAL_TRAINING if key in settings})
+    if "rule" in settings:
+        _check_rule_tables(settings["rule"])
+    if "diagnostics_every" in settings:
+        _check_diagnostics_every(settings["diagnostics_every"])
+    if "model" in settings:
+        _model_table(settings["model"])
+
+
+def _rule_names(value) -> tuple[str, ...]:
+    """Registered rule names from a list or a comma-separated string, without repeats."""
+    names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+    if (
+        not isinstance(names, (list, tuple))
+        or not names
+        or any(not isinstance(name, str) or not name for name in names)
+    ):
+        raise ValueError(
+            f"rules must be a non-empty list of rule names, got {value!r}; "
+            f"accepted: {', '.join(rules.names())}"
+        )
+    for name in names:
+        rules.constructor(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"rules must not repeat, got {list(names)}")
+    return tuple(names)
+
+
+def _check_rule_tables(rule_settings) -> None:
+    """Check each ``[rule.NAME]`` table's training keys and hyperparameter names."""
     if not isinstance(rule_settings, dict):
         raise ValueError(f"[rule] must be a table of [rule.<name>] tables, got {rule_settings!r}")
     for name, settings in rule_settings.items():
@@ -270,34 +328,23 @@ def make_comparison(file_settings: dict[str, Any], overrides: dict[str, Any]) ->
                 f"accepted: {', '.join(accepted) or 'none'}"
             )
 
-    diagnostics_every = merged.get("diagnostics_every", 20)
-    if isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int):
-        raise ValueError(f"diagnostics_every must be an integer, got {diagnostics_every!r}")
-    if diagnostics_every < 0:
-        raise ValueError(
-            f"diagnostics_every must be >= 0 (0 turns it off), got {diagnostics_every}"
-        )
 
-    model = merged.get("model", {"name": "digits_cnn"})
-    if isinstance(model, str):
-        model = {"name": model}
+def _check_diagnostics_every(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"diagnostics_every must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"diagnostics_every must be >= 0 (0 turns it off), got {value}")
+
+
+def _model_table(value) -> dict[str, Any]:
+    """The ``[model]`` table, from a table or a bare model name."""
+    model = {"name": value} if isinstance(value, str) else value
     if not isinstance(model, dict):
         raise ValueError(
-            f"model must be a model name or a [model] table, got {model!r}; "
+            f"model must be a model name or a [model] table, got {value!r}; "
             f"accepted names: {', '.join(models.MODELS)}"
         )
-
-    return Comparison(
-        rules=tuple(rule_names),
-        dataset=dataset,
-        data_dir=None if merged.get("data_dir") is None else str(merged["data_dir"]),
-        model=dict(model),
-        loss=merged.get("loss", "cross_entropy"),
-        seeds=seeds,
-        diagnostics_every=diagnostics_every,
-        training=training,
-        rule_settings={name: dict(s) for name, s in rule_settings.items()},
-    )
+    return dict(model)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

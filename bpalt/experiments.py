@@ -79,13 +79,13 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
     """Create ``out`` with ``config.json``, or check that an existing one matches ``record``.
 
     Raises:
-        ValueError: if ``out`` is a file, lies under a file, or is a folder that holds files
+        ValueError: if ``out`` is a file, lies under a file, or is a folder that contains files
             but no ``config.json``.
-        ConfigMismatchError: if ``out`` holds a comparison with other settings.
+        ConfigMismatchError: if ``out`` contains a comparison with other settings.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; name a folder")
-    checkpoint.check_parent_folders(out)
+    checkpoint.check_writable(out)
     path = out / "config.json"
     if path.exists():
         try:
@@ -94,6 +94,11 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
             raise ValueError(
                 f"cannot read {path} ({error}); it is damaged: choose another --out"
             ) from None
+        if not isinstance(previous, dict):
+            raise ValueError(
+                f"{path} does not contain a comparison config (a JSON object); it is "
+                "damaged: choose another --out"
+            )
         differences = _config_differences(_fingerprint(previous), _fingerprint(record))
         if differences:
             raise ConfigMismatchError(
@@ -105,7 +110,7 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
         # Its files could share names with the results (summary.md, results.jsonl) and be
         # overwritten.
         raise ValueError(
-            f"--out {out} already holds files but no comparison (no config.json); "
+            f"--out {out} already contains files but no comparison (no config.json); "
             "choose a new or empty folder, or the folder of an earlier run to resume it"
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -113,18 +118,54 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Read ``results.jsonl``, skipping a last line cut short by an interruption."""
+    """Read ``results.jsonl``, skipping a line cut short by an interruption.
+
+    A line that is not JSON, or not a record (an object with ``rule``, ``seed`` and
+    ``epoch``, and a ``status`` for an epoch record), is skipped with a warning.
+
+    Raises:
+        ValueError: if ``path`` is a folder or is not UTF-8 text.
+    """
     if not path.exists():
         return []
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; results.jsonl must be a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"cannot read {path}: byte {error.object[error.start]:#04x} at offset "
+            f"{error.start} is not UTF-8 text; the file is damaged, so restore it or choose "
+            "another folder"
+        ) from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             logger.warning("skipping unreadable line %d of %s", number, path)
+            continue
+        if not _is_record(record):
+            logger.warning("skipping line %d of %s: not a result record", number, path)
+            continue
+        records.append(record)
     return records
+
+
+def _is_record(record) -> bool:
+    """Whether ``record`` has the fields every reader of ``results.jsonl`` relies on."""
+    if not isinstance(record, dict):
+        return False
+    typed = (
+        isinstance(record.get("rule"), str)
+        and isinstance(record.get("seed"), int)
+        and isinstance(record.get("epoch"), int)
+    )
+    if record.get("record", "epoch") == "epoch":
+        return typed and isinstance(record.get("status"), str)
+    return typed
 
 
 class ResultsLog:
@@ -396,7 +437,7 @@ def compare(
     pending = [s for s in specs if _rule_status(records, s.rule, comparison.seeds) == "todo"]
     pending_names = {s.rule for s in pending}
     log.keep(lambda r: r["rule"] not in pending_names or r.get("status") != "failed")
-    _drop_epochs_after_checkpoints(out, log, pending)
+    _drop_epochs_after_checkpoints(out, log, pending, comparison.seeds)
 
     total = sum(s.epochs for s in pending)
     # With every rule finished there is nothing to train, so no bar is drawn.
@@ -425,17 +466,46 @@ def compare(
     return reporting.render(out, command=command)
 
 
-def _drop_epochs_after_checkpoints(out: Path, log: ResultsLog, pending) -> None:
+def _drop_epochs_after_checkpoints(out: Path, log: ResultsLog, pending, seeds) -> None:
     """Forget records of unfinished rules written after their last checkpoint.
 
     Records are appended before the checkpoint is saved, so an interruption between the two
     leaves an epoch that the resumed run trains again. Dropping it avoids a duplicate.
+
+    Raises:
+        ValueError: if ``results.jsonl`` lacks an epoch that a checkpoint already covers
+            (the file was emptied or edited). Resuming would leave those epochs out of
+            the tables, so the message says which checkpoint to delete to retrain.
     """
     last_saved = {}
     for spec in pending:
         path = out / "checkpoints" / f"{spec.rule}.msgpack"
         last_saved[spec.rule] = _checkpoint_epoch(path)
+        _check_epochs_recorded(read_results(log.path), spec.rule, seeds, last_saved[spec.rule],
+                               path)
     log.keep(lambda r: r["rule"] not in last_saved or r["epoch"] <= last_saved[r["rule"]])
+
+
+def _check_epochs_recorded(records, rule: str, seeds, last_epoch: int, path: Path) -> None:
+    """Raise ``ValueError`` unless every seed of ``rule`` has epochs ``0 .. last_epoch``.
+
+    A seed that diverged stops at its ``diverged`` record, so it needs epochs up to that one.
+    """
+    for seed in seeds:
+        epochs = [
+            r for r in records
+            if r.get("record") == "epoch" and r["rule"] == rule and r["seed"] == seed
+        ]
+        recorded = {r["epoch"] for r in epochs}
+        diverged = [r["epoch"] for r in epochs if r.get("status") == "diverged"]
+        needed = min([last_epoch, *diverged])
+        missing = sorted(set(range(needed + 1)) - recorded)
+        if missing:
+            raise ValueError(
+                f"results.jsonl in {path.parent.parent} has no record of epoch {missing[0]} "
+                f"of rule {rule!r}, seed {seed}, which its checkpoint {path} already covers; "
+                "delete that checkpoint to train the rule again from epoch 0"
+            )
 
 
 def _checkpoint_epoch(path: Path) -> int:

@@ -4,6 +4,9 @@
 ``summary.tex`` (the same table in LaTeX), ``curves.png`` (test accuracy per epoch, mean
 over seeds with a band of one standard deviation) and ``alignment.png`` (the cosine to the
 backprop gradient per block over training, one panel per rule).
+
+A spread over seeds is the standard deviation of two or more values. A single value has
+no spread: its standard deviation is NaN, and the tables show the value without "±".
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ COLUMNS = (
     "cosine to backprop",
     "runs",
 )
+SPREAD_COLUMNS = (1,)
+"""Columns of ``COLUMNS`` formatted by ``_mean_std``. Tabulate must not parse them as numbers:
+a cell without "±" would lose its trailing zeros ("87.00" to "87")."""
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -88,7 +94,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "rule": rule,
                 "accuracy_mean": float(np.mean(accuracies)) if accuracies else math.nan,
-                "accuracy_std": float(np.std(accuracies)) if accuracies else math.nan,
+                "accuracy_std": _std_or_nan(accuracies),
                 "train_loss": _mean_or_nan([r.get("train_loss") for r in ok]),
                 "epoch_seconds": _median_or_nan([r["epoch_seconds"] for r in timing]),
                 "ms_per_step": _median_or_nan([r["ms_per_step"] for r in timing]),
@@ -125,14 +131,16 @@ def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
         start = [v for v in start if v is not None]
         summary[name] = {
             "init_mean": float(np.mean(start)) if start else math.nan,
-            "init_std": float(np.std(start)) if start else math.nan,
+            "init_std": _std_or_nan(start),
             "final_mean": float(np.mean(final)) if final else math.nan,
-            "final_std": float(np.std(final)) if final else math.nan,
+            "final_std": _std_or_nan(final),
         }
     return summary
 
 
 HELD_OUT_COLUMNS = ("rule", "measure", "at initialisation", "after training", "change (%)")
+HELD_OUT_SPREAD_COLUMNS = (2, 3)
+"""Columns of ``HELD_OUT_COLUMNS`` formatted by ``_mean_std``."""
 NO_HELD_OUT = (
     "Held-out measures: none, because no rule in this run recorded one "
     "(each rule registers its own, if any)."
@@ -159,7 +167,17 @@ def held_out_rows(rows) -> list[list[str]]:
 
 
 def _mean_std(mean: float, std: float, digits: int = 4) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """Format ``mean ± std``, or the mean alone when ``std`` is NaN, or "n/a" for a NaN mean."""
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _std_or_nan(values) -> float:
+    """Return the population standard deviation of ``values``, or NaN for fewer than two."""
+    return float(np.std(values)) if len(values) >= 2 else math.nan
 
 
 def _mean_or_nan(values) -> float:
@@ -202,12 +220,18 @@ def table_rows(rows) -> list[list[str]]:
 
 
 def markdown_table(rows) -> str:
-    return tabulate(table_rows(rows), headers=COLUMNS, tablefmt="github")
+    """Render the summary rows as a GitHub Markdown table."""
+    return tabulate(
+        table_rows(rows), headers=COLUMNS, tablefmt="github", disable_numparse=SPREAD_COLUMNS
+    )
 
 
 def latex_table(rows) -> str:
+    """Render the summary rows as a LaTeX tabular, with ``$\\pm$`` for "±"."""
     cells = [[c.replace("±", "$\\pm$") for c in row] for row in table_rows(rows)]
-    return tabulate(cells, headers=COLUMNS, tablefmt="latex_raw")
+    return tabulate(
+        cells, headers=COLUMNS, tablefmt="latex_raw", disable_numparse=SPREAD_COLUMNS
+    )
 
 
 def environment(packages=PACKAGES) -> dict[str, str]:
@@ -241,10 +265,11 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
         lines += [
             f"Dataset `{comparison.get('dataset')}`, model `{comparison.get('model')}`, "
             f"seeds {comparison.get('seeds')}. Accuracy is the mean ± standard deviation over "
-            "seeds of the final test accuracy; seconds per epoch and milliseconds per step "
-            "are medians over epochs after the first (which includes compilation), for all "
-            "seeds together in one compiled step; the cosine is the mean of `update_cosine` over "
-            "blocks, seeds and logged steps.",
+            "seeds of the final test accuracy (the value alone when one seed finished); "
+            "seconds per epoch and milliseconds per step are medians over epochs after the "
+            "first (which includes compilation), for all seeds together in one compiled "
+            "step; the cosine is the mean of `update_cosine` over blocks, seeds and logged "
+            "steps.",
             "",
         ]
     lines += [markdown_table(rows), ""]
@@ -258,10 +283,15 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
     held_out = held_out_rows(rows)
     if held_out:
         lines += [
-            "Held-out measures (mean ± std over finished seeds, on up to the first 2048 "
-            "test examples; each rule registers its own):",
+            "Held-out measures (mean ± std over finished seeds, the value alone for one "
+            "seed, on up to the first 2048 test examples; each rule registers its own):",
             "",
-            tabulate(held_out, headers=HELD_OUT_COLUMNS, tablefmt="github"),
+            tabulate(
+                held_out,
+                headers=HELD_OUT_COLUMNS,
+                tablefmt="github",
+                disable_numparse=HELD_OUT_SPREAD_COLUMNS,
+            ),
             "",
         ]
     else:
@@ -278,8 +308,16 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+EPOCH_AXIS_LABEL = "epochs trained"
+"""x-axis label of ``curves.png``. The record of epoch ``e`` (numbered from 0 in
+``results.jsonl``) contains the test accuracy after ``e + 1`` epochs of training."""
+
+
 def _curves(records):
-    """``{rule: (epochs, mean, std)}`` of test accuracy over seeds."""
+    """``{rule: (epochs_trained, mean, std)}`` of test accuracy over seeds.
+
+    ``epochs_trained`` is the records' ``epoch`` number plus one.
+    """
     grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in split_records(records)[0]:
         if r["epoch"] >= 0 and "test_accuracy" in r:
@@ -296,21 +334,31 @@ def _curves(records):
     return curves
 
 
+def draw_curves(ax, records) -> None:
+    """Draw each rule's test accuracy per epoch on ``ax``: the seed mean and a band of one
+    standard deviation, against whole numbers of epochs trained."""
+    from matplotlib.ticker import MaxNLocator
+
+    for rule, (epochs, mean, std) in _curves(records).items():
+        ax.plot(epochs, mean, label=rule)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(EPOCH_AXIS_LABEL)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy per epoch (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def plot_curves(records, path: Path) -> None:
+    """Write ``draw_curves``'s figure to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rule, (epochs, mean, std) in _curves(records).items():
-        ax.plot(epochs, mean, label=rule)
-        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy per epoch (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    draw_curves(ax, records)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -352,6 +400,21 @@ def plot_alignment(records, path: Path) -> bool:
     return True
 
 
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """The resolved config in ``path``, or None without one; ``ValueError`` if damaged."""
+    if not path.exists():
+        return None
+    try:
+        comparison = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError included
+        raise ValueError(f"cannot read {path} ({error}); it is damaged") from None
+    if not isinstance(comparison, dict):
+        raise ValueError(
+            f"{path} does not contain a comparison config (a JSON object); it is damaged"
+        )
+    return comparison
+
+
 def render(out: str | Path, command: str = "") -> list[dict[str, Any]]:
     """Write ``summary.md``, ``summary.tex`` and the plots from ``out/results.jsonl``."""
     from bpalt.checkpoint import write_atomic
@@ -361,8 +424,13 @@ def render(out: str | Path, command: str = "") -> list[dict[str, Any]]:
     if not results.exists():
         raise FileNotFoundError(f"no results.jsonl in {out}; run `bpalt compare --out {out}` first")
     records = _read(results)
-    config_path = out / "config.json"
-    comparison = json.loads(config_path.read_text()) if config_path.exists() else None
+    if not split_records(records)[0]:
+        # Rendering would replace the tables of an earlier render with empty ones.
+        raise ValueError(
+            f"{results} contains no epoch records, so there is nothing to tabulate; run "
+            f"`bpalt compare --out {out}` to train"
+        )
+    comparison = _read_config(out / "config.json")
     if not command and (out / "command.txt").exists():
         command = (out / "command.txt").read_text().strip()
 

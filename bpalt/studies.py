@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from tabulate import tabulate
 
-from bpalt import data, diagnostics, initializers, losses, models, nn, rules, train
-from bpalt.argtypes import positive_float, positive_int
+from bpalt import checkpoint, data, diagnostics, initializers, losses, models, nn, rules, train
+from bpalt.argtypes import USAGE_ERROR, positive_float, positive_int
 
 INITS = {
     "zeros": initializers.zeros,
@@ -660,6 +660,44 @@ def write_depth_study(out: str | Path, command: str, rows, settings: dict) -> Pa
 
 # --- Command line -------------------------------------------------------------------------
 
+RESULT_FILES = {
+    "init": ("init_study.md",),
+    "depth": ("depth_study.md", "depth_study.png"),
+}
+"""The files each study writes into its ``--out`` folder."""
+
+def check_output_folder(out: Path, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` if the files ``names`` cannot be written into the folder ``out``.
+
+    Rejects an ``out`` that is an existing file, one that lies inside a file, and a folder
+    where one of ``names`` is a folder. The messages name ``--out`` and the path in the way.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; name a folder")
+    checkpoint.check_parent_folders(out)
+    for name in names:
+        if (out / name).is_dir():
+            raise ValueError(
+                f"--out {out} contains a folder named {name}, where the study writes a "
+                "file; remove it or name another folder"
+            )
+
+
+def prepare_output_folder(out: Path, names: Sequence[str]) -> str | None:
+    """Check ``out`` with ``check_output_folder`` and create it.
+
+    Returns None when ``out`` is ready, else a one-line error message. The command calls it
+    before a study, so that a bad ``--out`` stops it before the training, not after.
+    """
+    try:
+        check_output_folder(out, names)
+        out.mkdir(parents=True, exist_ok=True)
+    except ValueError as error:
+        return str(error)
+    except OSError as error:
+        return f"cannot create --out {out}: {error.strerror}"
+    return None
+
 
 def build_parser(prog: str = "python -m bpalt.studies") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
@@ -698,6 +736,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bpalt.studies
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     command = " ".join([prog, *(shlex.quote(a) for a in argv)])
+    if args.study == "depth" and args.max_depth < 2:
+        build_parser(prog).error(f"--max-depth must be at least 2, got {args.max_depth}")
+    problem = prepare_output_folder(Path(args.out), RESULT_FILES[args.study])
+    if problem:
+        print(f"{prog} {args.study}: error: {problem}", file=sys.stderr)
+        return USAGE_ERROR
 
     if args.study == "init":
         settings = InitStudySettings(
@@ -706,8 +750,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bpalt.studies
         rows = init_study(settings=settings)
         path = write_init_study(args.out, command, settings, rows)
     else:
-        if args.max_depth < 2:
-            build_parser(prog).error(f"--max-depth must be at least 2, got {args.max_depth}")
         depth_settings = {"width": 64, "seeds": args.seeds, "batch_size": 256}
         rows = depth_study(depths=tuple(range(2, args.max_depth + 1, 2)), **depth_settings)
         path = write_depth_study(args.out, command, rows, depth_settings)

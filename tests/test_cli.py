@@ -121,7 +121,7 @@ def test_config_rejects_inf_learning_rate(tmp_path, capsys):
     ("line", "message"),
     [
         ('seeds = "abc"', "seeds must be a positive count (seeds 0 .. N-1) or a non-empty "
-         "list of distinct non-negative integers, got 'abc'"),
+         "list of distinct integers from 0 to 2**32 - 1, got 'abc'"),
         ("seeds = [1.5]", "got [1.5]"),
         ("seeds = 2.0", "got 2.0"),
         ("seeds = true", "got True"),
@@ -360,3 +360,105 @@ def test_blas_limited_to_one_thread():
         assert {p["num_threads"] for p in pools} == {1}
     finally:
         limiter.restore_original_limits()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--matmul-size", "99999999"], "--matmul-size must be at most 8192"),
+        (["--es-population", "3"], "--es-population must be an even integer >= 2"),
+        (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not used by workload(s) W1"),
+        (["--epoch-rules", "bp,,fa"], "expected comma-separated names, got 'bp,,fa'"),
+    ],
+)
+def test_bench_bad_values_rejected_before_timing(arguments, message, capsys):
+    try:
+        status = cli.main(["bench", "--workloads", "W1", *arguments])
+    except SystemExit as exit_:  # argparse's own errors exit with the same status
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def _unwritable(monkeypatch):
+    """Make every temporary file fail as in a folder without write permission."""
+    from bpalt import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", refuse)
+
+
+def test_bench_unwritable_out_rejected_before_timing(tmp_path, monkeypatch, capsys):
+    _unwritable(monkeypatch)
+
+    assert cli.main(["bench", "--workloads", "W1", "--out", str(tmp_path / "bench")]) == 2
+
+    assert f"--out {tmp_path / 'bench'}: cannot create files in {tmp_path} (Permission " \
+        "denied)" in capsys.readouterr().err
+
+
+def test_compare_unwritable_out_rejected(tmp_path, monkeypatch, capsys):
+    _unwritable(monkeypatch)
+
+    status = cli.main(["compare", "--rules", "bp", "--out", str(tmp_path / "run")])
+
+    assert status == 2
+    assert "cannot create files in" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_measurements_kept_when_writing_fails(tmp_path, monkeypatch, capsys):
+    from bpalt import bench
+
+    def fail(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(bench, "write_results", fail)
+    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    arguments = [
+        "bench", "--workloads", "W1", "--rules", "bp", "--steps", "2", "--rounds", "1",
+        "--warmup", "0", "--batch-size", "4", "--no-peers", "--seed-rules", "",
+        "--epoch-rules", "", "--local-batch", "0", "--ntk-examples", "0", "--matmul-size",
+        "64", "--quiet", "--out", str(tmp_path / "bench"),
+    ]
+
+    assert cli.main(arguments) == 1
+
+    err = capsys.readouterr().err
+    rescued = list(tmp_path.glob("bpalt-bench-*.json"))
+    assert len(rescued) == 1
+    assert f"the measurements are in {rescued[0]}" in err
+    rows = json.loads(rescued[0].read_text())["workloads"]["W1"]["steps"]["rows"]
+    assert [row["name"] for row in rows][:2] == ["jax.grad + optax", "bp"]
+
+
+def test_empty_out_rejected(capsys):
+    assert cli.main(["compare", "--rules", "bp", "--out", ""]) == 2
+    assert "--out is empty; name a folder" in capsys.readouterr().err
+
+
+def test_seed_count_capped(capsys):
+    assert cli.main(["compare", "--rules", "bp", "--seeds", "99999999999"]) == 2
+    assert "at most 1000 seeds per rule, got 99999999999" in capsys.readouterr().err
+
+
+def test_bad_file_value_reported_under_override(tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text('epochs = "ten"\n')
+
+    status = cli.main(["compare", "--config", str(config), "--epochs", "1"])
+
+    assert status == 2
+    assert f"{config}: epochs must be a positive integer, got 'ten'" in capsys.readouterr().err
+
+
+def test_model_list_setting_given_a_string(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nchannels = "16"\n')
+
+    assert status == 2
+    assert "[model] channels must be a list of integers, got '16'" in capsys.readouterr().err

@@ -109,7 +109,7 @@ def test_folder_with_other_files_rejected(tmp_path):
     out.mkdir()
     (out / "summary.md").write_text("my notes\n")
 
-    with pytest.raises(ValueError, match=r"already holds files but no comparison"):
+    with pytest.raises(ValueError, match=r"already contains files but no comparison"):
         _compare(out, 1)
 
     assert (out / "summary.md").read_text() == "my notes\n"
@@ -123,6 +123,25 @@ def test_empty_existing_folder_accepted(tmp_path):
     _compare(out, 1)
 
     assert (out / "results.jsonl").exists()
+
+
+def test_emptied_log_with_checkpoint_rejected(tmp_path):
+    out = tmp_path / "run"
+    comparison = config.make_comparison(
+        {"rules": ["bp"], "epochs": 2, "seeds": 1, "diagnostics_every": 0,
+         "model": {"name": "digits_cnn", "channels": [4, 8]}}, {}
+    )
+    calls = iter([True])
+    with pytest.raises(KeyboardInterrupt):
+        experiments.compare(comparison, out, show_progress=False, should_stop=lambda: next(calls))
+    checkpoint_path = out / "checkpoints" / "bp.msgpack"
+    assert checkpoint_path.exists()
+    (out / "results.jsonl").write_text("")
+
+    with pytest.raises(ValueError, match=r"has no record of epoch 0 of rule 'bp', seed 0"):
+        experiments.compare(comparison, out, show_progress=False)
+
+    assert checkpoint_path.exists()
 
 
 def test_data_dir_for_digits_rejected_by_api(tmp_path):

@@ -195,3 +195,9 @@ def test_get_accepts_loss_name(network, params, batches):
     logits = network.apply(params, batches[0][0])
     expected = losses.mean_squared_error(logits, batches[0][1])
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("network", ["digits_cnn", None])
+def test_network_that_is_not_a_network_rejected(network):
+    with pytest.raises(TypeError, match=r"network must be a bpalt.nn.Network, got"):
+        rules.get("bp", network)

@@ -1,9 +1,19 @@
-"""Small versions of the textbook studies: symmetry, vanishing and exploding gradients."""
+"""Small versions of the textbook studies: symmetry, vanishing and exploding gradients.
+
+Also the ``python -m bpalt.studies`` command line: its start and its ``--out`` checks.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bpalt import studies
+
+# Depth study arguments that finish in seconds, should a test reach the study by mistake.
+QUICK_DEPTH = ["depth", "--max-depth", "2", "--seeds", "1"]
 
 SMALL_SETTINGS = studies.InitStudySettings(
     mlp_depth=3,
@@ -182,3 +192,113 @@ def test_first_and_last_orders_layers_by_position():
 
     assert first == 1.0
     assert last == 11.0
+
+
+def test_module_runs_without_runpy_warning():
+    finished = subprocess.run(
+        [sys.executable, "-m", "bpalt.studies", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert finished.returncode == 0
+    assert "usage: python -m bpalt.studies" in finished.stdout
+    assert "RuntimeWarning" not in finished.stderr
+    assert finished.stderr == ""
+
+
+def test_package_still_exposes_studies():
+    finished = subprocess.run(
+        [sys.executable, "-c", "import bpalt; print(bpalt.studies.ACTIVATIONS)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == "('sigmoid', 'tanh', 'relu')\n"
+
+
+def test_out_existing_file_is_one_line_error(tmp_path):
+    existing = tmp_path / "results"
+    existing.write_text("not a folder")
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "bpalt.studies", *QUICK_DEPTH, "--out", str(existing)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert finished.returncode == 2
+    assert finished.stderr == (
+        f"python -m bpalt.studies depth: error: --out {existing} is an existing file; "
+        "name a folder\n"
+    )
+    assert existing.read_text() == "not a folder"
+
+
+def test_init_out_existing_file_rejected_before_training(tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "results"
+    existing.write_text("")
+    monkeypatch.setattr(studies, "init_study", _fail_if_called)
+
+    status = studies.main(["init", "--out", str(existing)])
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"python -m bpalt.studies init: error: --out {existing} is an existing file; "
+        "name a folder\n"
+    )
+
+
+def test_out_under_a_file_is_one_line_error(tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "file"
+    existing.write_text("")
+    out = existing / "sub" / "results"
+    monkeypatch.setattr(studies, "depth_study", _fail_if_called)
+
+    status = studies.main([*QUICK_DEPTH, "--out", str(out)])
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"python -m bpalt.studies depth: error: --out {out} lies inside {existing}, "
+        "which is a file, not a folder\n"
+    )
+
+
+def test_out_result_name_is_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "depth_study.png").mkdir()
+    monkeypatch.setattr(studies, "depth_study", _fail_if_called)
+
+    status = studies.main([*QUICK_DEPTH, "--out", str(tmp_path)])
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"python -m bpalt.studies depth: error: --out {tmp_path} contains a folder named "
+        "depth_study.png, where the study writes a file; remove it or name another folder\n"
+    )
+
+
+def test_prepare_output_folder_creates_missing_folders(tmp_path):
+    out = tmp_path / "a" / "b"
+
+    assert studies.prepare_output_folder(out, studies.RESULT_FILES["init"]) is None
+    assert out.is_dir()
+
+
+def test_prepare_output_folder_reports_os_error(tmp_path, monkeypatch):
+    def deny_mkdir(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", deny_mkdir)
+    out = tmp_path / "results"
+
+    problem = studies.prepare_output_folder(out, studies.RESULT_FILES["depth"])
+
+    assert problem == f"cannot create --out {out}: Permission denied"
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("the study ran although --out was rejected")

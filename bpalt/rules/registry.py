@@ -89,8 +89,14 @@ def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs
 
     Raises:
         ValueError: for an unknown rule name or hyperparameter, naming the accepted ones.
+        TypeError: if ``network`` is not a ``bpalt.nn.Network``.
     """
     build = constructor(name)
+    if not isinstance(network, Network):
+        raise TypeError(
+            f"network must be a bpalt.nn.Network, got {type(network).__name__} {network!r:.60}; "
+            "build one with bpalt.models (e.g. models.digits_cnn()) or bpalt.nn.Network"
+        )
     accepted = hyperparameters(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
