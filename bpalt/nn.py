@@ -632,6 +632,7 @@ class Network:
                 x = block.apply(block_params, x)
             return x
 
+        self.check_input(x)
         return self.in_chunks(logits, x)
 
     def forward(self, params, x: jax.Array) -> list[jax.Array]:
@@ -644,6 +645,7 @@ class Network:
                 outputs.append(x)
             return outputs
 
+        self.check_input(x)
         return self.in_chunks(block_outputs, x)
 
     def feedback_apply(self, params, feedback, x: jax.Array) -> jax.Array:
@@ -654,10 +656,15 @@ class Network:
                 x = block.feedback_apply(block_params, block_feedback, x)
             return x
 
+        self.check_input(x)
         return self.in_chunks(logits, x)
 
     def check_input(self, x) -> None:
-        """Raise ``ValueError`` if ``x`` is not a batch of this network's input shape."""
+        """Raise ``ValueError`` if ``x`` is not a batch of this network's input shape.
+
+        ``apply``, ``forward`` and ``feedback_apply`` call it while tracing, where shapes
+        are static, so it costs nothing in a compiled step.
+        """
         shape = tuple(x.shape[1:])
         if shape != self.input_shape:
             raise ValueError(

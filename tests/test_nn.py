@@ -575,3 +575,26 @@ def test_conv2d_valid_kernel_too_large_raises():
 def test_network_with_bad_block_shapes_raises():
     with pytest.raises(ValueError, match="dense expects a flat input"):
         nn.Network([nn.dense(3)], (8, 8, 1))
+
+
+def test_input_of_wrong_shape_rejected_by_apply_and_step():
+    import optax
+
+    from bpalt import train
+
+    network = models.digits_cnn(channels=(4, 8))
+    params = network.init(jax.random.key(0))
+    x = jnp.zeros((2, 28, 28, 1))
+    message = r"data of shape \(28, 28, 1\) per example does not match the network's input " \
+        r"shape \(8, 8, 1\)"
+
+    for method in (network.apply, network.forward):
+        with pytest.raises(ValueError, match=message):
+            method(params, x)
+
+    rule = rules.get("fa", network, losses.softmax_cross_entropy)
+    optimizer = optax.sgd(0.1)
+    step = train.make_train_step(rule, optimizer)
+    with pytest.raises(ValueError, match=message):
+        step(params, rule.init(jax.random.key(1), params), optimizer.init(params),
+             (x, jnp.zeros(2, jnp.int32)), jax.random.key(2))
