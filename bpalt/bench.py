@@ -1136,7 +1136,7 @@ SMALL_MATMUL = 1024
 
 
 def _small_matmul_note(size: int) -> str:
-    """A warning when ``--matmul-size`` is too small to measure the machine's rate."""
+    """Return a warning when ``--matmul-size`` is too small to measure the machine's rate."""
     if size >= SMALL_MATMUL:
         return ""
     return (
@@ -1325,8 +1325,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rules", type=_names, help="comma-separated rules (default: all)")
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help="timed steps per row (default 30)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds,
-                        help="rounds the timed steps are split into (default 10)")
+    parser.add_argument("--rounds", type=int,
+                        help=f"rounds the timed steps are split into (default {defaults.rounds}, "
+                        "or --steps when fewer)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
                         help="untimed steps after compiling (default 3)")
     parser.add_argument("--batch-size", type=int,
@@ -1370,6 +1371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Validated ``Settings`` from parsed arguments; ``ValueError`` names a bad value."""
+    if args.rounds is None:
+        args.rounds = min(Settings().rounds, max(args.steps, 1))
     for name in ("steps", "rounds", "seeds", "es_population", "matmul_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
@@ -1381,6 +1384,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.rounds > args.steps:
+        raise ValueError(
+            f"--rounds {args.rounds} is more than --steps {args.steps}; every round times at "
+            "least one step, so use at most as many rounds as steps"
+        )
     if args.matmul_size > MAX_MATMUL:
         raise ValueError(
             f"--matmul-size must be at most {MAX_MATMUL} (three {MAX_MATMUL}x{MAX_MATMUL} "

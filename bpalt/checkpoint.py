@@ -40,6 +40,11 @@ def check_writable(out: str | Path, option: str = "--out") -> None:
     before a command computes anything, so that an unwritable output costs no work.
     """
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(
+            f"{option} {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+            "create its target or name another path"
+        )
     check_parent_folders(out, option)
     folder = next((p for p in (out, *out.parents) if p.is_dir()), Path("."))
     try:
@@ -61,9 +66,13 @@ def write_atomic(path: str | Path, content: bytes | str) -> None:
     ``tempfile.mkstemp``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     raw = content.encode() if isinstance(content, str) else content
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as error:
+        # The OS error would name the temporary file, not the one being written.
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:
         os.chmod(temporary, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as file:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -25,6 +26,8 @@ from bpalt.argtypes import (
     positive_int,
 )
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 RESULT_FILES = ("summary.md", "summary.tex", "results.jsonl", "curves.png", "alignment.png")
 
 
@@ -228,7 +231,12 @@ def main(argv=None) -> int:
         if args.command == "train":
             return _run(args, args.rule)
         if args.command == "table":
-            from bpalt import reporting
+            from bpalt import checkpoint, reporting
+
+            if not args.results_dir.strip():
+                raise ValueError("the results folder is empty; name the folder of a run")
+            if Path(args.results_dir).is_dir():
+                checkpoint.check_writable(args.results_dir, option="results folder")
 
             rows = reporting.render(args.results_dir)
             _print_table(rows)
@@ -246,9 +254,26 @@ def main(argv=None) -> int:
             f"bpalt {args.command}: interrupted; rerun with the same --out to resume",
             file=sys.stderr,
         )
-        return 130
+        return INTERRUPTED
     return USAGE_ERROR
 
 
+def entry() -> None:
+    """Run ``main`` as the ``bpalt`` console script and exit with its status.
+
+    After an interrupt the process ends through ``os._exit``, skipping the interpreter's
+    teardown: that teardown, while XLA was still compiling on another thread, ended in a
+    segmentation fault in about half of the interrupted runs. ``results.jsonl`` and the
+    checkpoints are already synced to disk by then.
+    """
+    status = main()
+    if status == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -154,17 +154,27 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+TEXT_FIELDS = ("record", "rule", "status", "error")
+"""Fields of a result record that contain text; every other field is a number or null."""
+
+
 def _is_record(record) -> bool:
-    """Whether ``record`` has the fields every reader of ``results.jsonl`` relies on."""
+    """Return whether ``record`` has the fields and types that readers of results rely on."""
     if not isinstance(record, dict):
         return False
     typed = (
         isinstance(record.get("rule"), str)
         and isinstance(record.get("seed"), int)
         and isinstance(record.get("epoch"), int)
+        and all(isinstance(record.get(key, ""), str) for key in TEXT_FIELDS)
+        and all(
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            for key, value in record.items()
+            if key not in TEXT_FIELDS
+        )
     )
     if record.get("record", "epoch") == "epoch":
-        return typed and isinstance(record.get("status"), str)
+        return typed and "status" in record
     return typed
 
 
@@ -411,6 +421,13 @@ def compare(
     dataset = load_dataset(comparison)
     network = config.build_network(comparison, dataset.input_shape, dataset.num_classes)
     data.check_input_shape(dataset, network.input_shape)
+    if network.output_shape != (dataset.num_classes,):
+        # Labels beyond the logits would be one-hot encoded as zeros, and the loss NaN.
+        raise ValueError(
+            f"dataset {dataset.name!r} has {dataset.num_classes} classes but the network "
+            f"outputs shape {network.output_shape}; remove num_classes from [model] or set "
+            f"it to {dataset.num_classes}"
+        )
     specs = comparison.runs()
     for spec in specs:
         # Build every rule first, so that a bad hyperparameter or batch size is reported

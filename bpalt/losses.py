@@ -16,16 +16,25 @@ import optax
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
+    """Raise ``ValueError`` unless ``labels`` are classes (batch,) or targets like ``logits``.
+
+    Shapes are static under ``jit``, so the check runs once, while tracing. Without it,
+    labels of shape (batch, 1) would broadcast against (batch, classes) logits.
+    """
+    if labels.shape not in (logits.shape[:-1], logits.shape):
+        raise ValueError(
+            f"labels of shape {labels.shape} fit neither integer classes {logits.shape[:-1]} "
+            f"nor targets {logits.shape} for logits of shape {logits.shape}"
+        )
+
+
 def _targets_like(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """One-hot encode integer labels; pass targets of the logits' shape through."""
-    if labels.ndim == logits.ndim:
+    _check_labels(logits, labels)
+    if labels.shape == logits.shape:
         return labels.astype(logits.dtype)
-    if labels.ndim == logits.ndim - 1:
-        return jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    raise ValueError(
-        f"labels of shape {labels.shape} fit neither integer classes {logits.shape[:-1]} "
-        f"nor targets {logits.shape}"
-    )
+    return jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -34,6 +43,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Shapes: ``logits`` (batch, classes); ``labels`` (batch,) integers or (batch, classes)
     one-hot or probabilities.
     """
+    _check_labels(logits, labels)
     if labels.ndim == logits.ndim - 1 and jnp.issubdtype(labels.dtype, jnp.integer):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     targets = _targets_like(logits, labels)

@@ -33,9 +33,9 @@ COLUMNS = (
     "cosine to backprop",
     "runs",
 )
-SPREAD_COLUMNS = (1,)
-"""Columns of ``COLUMNS`` formatted by ``_mean_std``. Tabulate must not parse them as numbers:
-a cell without "±" would lose its trailing zeros ("87.00" to "87")."""
+ALIGN = ("left", "right", "right", "right", "right", "right", "left")
+"""Alignment of ``COLUMNS``. The cells are already formatted, so tabulate does not parse them
+as numbers, which would drop their trailing zeros ("0.030" to "0.03")."""
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -139,8 +139,8 @@ def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
 
 
 HELD_OUT_COLUMNS = ("rule", "measure", "at initialisation", "after training", "change (%)")
-HELD_OUT_SPREAD_COLUMNS = (2, 3)
-"""Columns of ``HELD_OUT_COLUMNS`` formatted by ``_mean_std``."""
+HELD_OUT_ALIGN = ("left", "left", "right", "right", "right")
+"""Alignment of ``HELD_OUT_COLUMNS``, whose cells are formatted like those of ``COLUMNS``."""
 NO_HELD_OUT = (
     "Held-out measures: none, because no rule in this run recorded one "
     "(each rule registers its own, if any)."
@@ -222,7 +222,8 @@ def table_rows(rows) -> list[list[str]]:
 def markdown_table(rows) -> str:
     """Render the summary rows as a GitHub Markdown table."""
     return tabulate(
-        table_rows(rows), headers=COLUMNS, tablefmt="github", disable_numparse=SPREAD_COLUMNS
+        table_rows(rows), headers=COLUMNS, tablefmt="github", disable_numparse=True,
+        colalign=ALIGN,
     )
 
 
@@ -230,7 +231,7 @@ def latex_table(rows) -> str:
     """Render the summary rows as a LaTeX tabular, with ``$\\pm$`` for "±"."""
     cells = [[c.replace("±", "$\\pm$") for c in row] for row in table_rows(rows)]
     return tabulate(
-        cells, headers=COLUMNS, tablefmt="latex_raw", disable_numparse=SPREAD_COLUMNS
+        cells, headers=COLUMNS, tablefmt="latex_raw", disable_numparse=True, colalign=ALIGN
     )
 
 
@@ -290,7 +291,8 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
                 held_out,
                 headers=HELD_OUT_COLUMNS,
                 tablefmt="github",
-                disable_numparse=HELD_OUT_SPREAD_COLUMNS,
+                disable_numparse=True,
+                colalign=HELD_OUT_ALIGN,
             ),
             "",
         ]
@@ -339,10 +341,15 @@ def draw_curves(ax, records) -> None:
     standard deviation, against whole numbers of epochs trained."""
     from matplotlib.ticker import MaxNLocator
 
-    for rule, (epochs, mean, std) in _curves(records).items():
-        ax.plot(epochs, mean, label=rule)
+    curves = _curves(records)
+    for rule, (epochs, mean, std) in curves.items():
+        # A single epoch is a point, which a line alone would not show.
+        ax.plot(epochs, mean, label=rule, marker="o" if len(epochs) == 1 else None)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if curves and max(epochs[-1] for epochs, _, _ in curves.values()) == 1:
+        ax.set_xlim(0.5, 1.5)
+        ax.set_xticks([1])
     ax.set_xlabel(EPOCH_AXIS_LABEL)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Test accuracy per epoch (mean ± std over seeds)")

@@ -691,6 +691,7 @@ def prepare_output_folder(out: Path, names: Sequence[str]) -> str | None:
     """
     try:
         check_output_folder(out, names)
+        checkpoint.check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
     except ValueError as error:
         return str(error)

@@ -366,6 +366,7 @@ def test_blas_limited_to_one_thread():
     ("arguments", "message"),
     [
         (["--matmul-size", "99999999"], "--matmul-size must be at most 8192"),
+        (["--steps", "2", "--rounds", "3"], "--rounds 3 is more than --steps 2"),
         (["--es-population", "3"], "--es-population must be an even integer >= 2"),
         (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not used by workload(s) W1"),
         (["--epoch-rules", "bp,,fa"], "expected comma-separated names, got 'bp,,fa'"),
@@ -462,3 +463,67 @@ def test_model_list_setting_given_a_string(tmp_path, capsys):
 
     assert status == 2
     assert "[model] channels must be a list of integers, got '16'" in capsys.readouterr().err
+
+
+class _Exit(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("status", "way"), [(130, "_exit"), (0, "exit"), (2, "exit")])
+def test_entry_skips_teardown_only_after_interrupt(monkeypatch, status, way):
+    calls = []
+
+    def record(name):
+        def exit_(code):
+            calls.append((name, code))
+            raise _Exit
+
+        return exit_
+
+    monkeypatch.setattr(cli, "main", lambda: status)
+    monkeypatch.setattr(cli.os, "_exit", record("_exit"))
+    monkeypatch.setattr(cli.sys, "exit", record("exit"))
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)
+
+    with pytest.raises(_Exit):
+        cli.entry()
+
+    assert calls == [(way, status)]
+
+
+def test_model_class_count_must_match_data(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nnum_classes = 5\n')
+
+    assert status == 2
+    assert "dataset 'digits' has 10 classes but the network outputs shape (5,)" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_dangling_symlink_out_rejected(tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing")
+
+    assert cli.main(["compare", "--rules", "bp", "--out", str(link)]) == 2
+    assert f"is a symbolic link to {tmp_path / 'missing'}, which does not exist" in (
+        capsys.readouterr().err
+    )
+
+
+def test_table_unwritable_folder_rejected(tmp_path, monkeypatch, capsys):
+    _unwritable(monkeypatch)
+
+    assert cli.main(["table", str(tmp_path)]) == 2
+    assert f"results folder {tmp_path}: cannot create files in {tmp_path}" in (
+        capsys.readouterr().err
+    )
+
+
+def test_write_error_names_the_file(tmp_path, monkeypatch):
+    from bpalt import checkpoint
+
+    _unwritable(monkeypatch)
+
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'summary.md'}: Permission"):
+        checkpoint.write_atomic(tmp_path / "summary.md", "text")

@@ -104,3 +104,14 @@ def test_get_by_name(name, function):
 def test_get_unknown_name_raises():
     with pytest.raises(ValueError, match="unknown loss 'hinge'; accepted: binary_cross_entropy"):
         losses.get("hinge")
+
+
+@pytest.mark.parametrize("loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy,
+                                  losses.mean_squared_error])
+@pytest.mark.parametrize("shape", [(64, 1), (32,), (64, 5)])
+def test_labels_of_another_shape_rejected(loss, shape):
+    logits = jnp.zeros((64, 10))
+    labels = jnp.zeros(shape, jnp.int32)
+
+    with pytest.raises(ValueError, match=rf"labels of shape \({shape[0]},"):
+        loss(logits, labels)

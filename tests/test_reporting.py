@@ -57,7 +57,7 @@ def test_summary_with_held_out_measures_shows_table():
     summary = _summary(records)
 
     assert "Held-out measures (mean ± std over finished seeds" in summary
-    assert "| gim    | infonce   | 2.0000              | 1.0000           |" in summary
+    assert "| gim    | infonce   |              2.0000 |           1.0000 |" in summary
     assert "no rule in this run recorded one" not in summary
 
 
@@ -107,9 +107,9 @@ def test_one_seed_shows_accuracy_without_spread():
     rows = reporting.summarize(records)
 
     assert reporting.table_rows(rows)[0][1] == "87.00"
-    assert "| bp     | 87.00               |" in reporting.markdown_table(rows)
+    assert "| bp     |               87.00 |" in reporting.markdown_table(rows)
     latex = reporting.latex_table(rows)
-    assert " bp     & 87.00               &" in latex
+    assert " bp     &               87.00 &" in latex
     assert "pm" not in latex
 
 
@@ -121,8 +121,8 @@ def test_two_seeds_show_mean_and_std():
     ]
     rows = reporting.summarize(records)
 
-    assert "| bp     | 85.00 ± 5.00        |" in reporting.markdown_table(rows)
-    assert " bp     & 85.00 $\\pm$ 5.00    &" in reporting.latex_table(rows)
+    assert "| bp     |        85.00 ± 5.00 |" in reporting.markdown_table(rows)
+    assert " bp     &    85.00 $\\pm$ 5.00 &" in reporting.latex_table(rows)
 
 
 def test_held_out_spread_only_with_two_seeds():
@@ -222,9 +222,31 @@ def test_record_without_its_fields_skipped(tmp_path, caplog):
         file.write(json.dumps({"rule": "bp", "seed": "x", "epoch": 0}) + "\n")
         file.write(json.dumps({"record": "epoch", "rule": "bp", "seed": 2, "epoch": 0}) + "\n")
         file.write("[1, 2]\n")
+        file.write(json.dumps(_epoch_record("bp", 3, 0, test_accuracy="x")) + "\n")
+        diagnostics = {"record": "diagnostics", "rule": "bp", "seed": 0, "epoch": 0,
+                       "update_cosine/block0": "x"}
+        file.write(json.dumps(diagnostics) + "\n")
 
     rows = reporting.render(out)
 
     assert [row["rule"] for row in rows] == ["bp"]
     assert rows[0]["statuses"] == {"finished": 2}
-    assert caplog.text.count("not a result record") == 3
+    assert caplog.text.count("not a result record") == 5
+
+
+def test_table_keeps_trailing_zeros():
+    row = {**reporting.summarize([_epoch_record("bp", 0, 0)])[0], "epoch_seconds": 0.03}
+
+    table = reporting.markdown_table([row])
+
+    assert "|       0.030 |" in table
+
+
+def test_curves_show_a_single_epoch():
+    ax = Figure().add_subplot()
+
+    reporting.draw_curves(ax, [_epoch_record("bp", 0, 0)])
+
+    (line,) = ax.get_lines()
+    assert line.get_marker() == "o"
+    assert _visible_ticks(ax) == [1.0]

@@ -302,3 +302,20 @@ def test_prepare_output_folder_reports_os_error(tmp_path, monkeypatch):
 
 def _fail_if_called(*args, **kwargs):
     raise AssertionError("the study ran although --out was rejected")
+
+
+def test_unwritable_existing_out_rejected_before_study(tmp_path, monkeypatch, capsys):
+    from bpalt import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(studies, "init_study", _fail_if_called)
+
+    status = studies.main(["init", "--out", str(tmp_path)])
+
+    assert status == 2
+    assert f"--out {tmp_path}: cannot create files in {tmp_path} (Permission denied)" in (
+        capsys.readouterr().err
+    )
