@@ -665,6 +665,11 @@ class Network:
         ``apply``, ``forward`` and ``feedback_apply`` call it while tracing, where shapes
         are static, so it costs nothing in a compiled step.
         """
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"expected a non-empty batch of shape (batch, *{self.input_shape}), got an "
+                f"array of shape {tuple(x.shape)}"
+            )
         shape = tuple(x.shape[1:])
         if shape != self.input_shape:
             raise ValueError(

@@ -598,3 +598,13 @@ def test_input_of_wrong_shape_rejected_by_apply_and_step():
     with pytest.raises(ValueError, match=message):
         step(params, rule.init(jax.random.key(1), params), optimizer.init(params),
              (x, jnp.zeros(2, jnp.int32)), jax.random.key(2))
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 8, 1), ()])
+def test_empty_batch_rejected(shape):
+    network = models.digits_cnn(channels=(4, 8))
+    params = network.init(jax.random.key(0))
+
+    message = r"expected a non-empty batch of shape \(batch, \*\(8, 8, 1\)\)"
+    with pytest.raises(ValueError, match=message):
+        network.apply(params, jnp.zeros(shape))
