@@ -210,8 +210,8 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
             f"accepted: {', '.join(accepted)}"
         )
     for key, value in model.items():
-        # The model functions annotate list-valued settings as ``Sequence[int]``; a string
-        # there would be split into characters.
+        # The model functions annotate list-valued settings as ``Sequence[int]``. A string
+        # given there would be split into characters.
         if accepted[key].annotation == "Sequence[int]" and not isinstance(value, (list, tuple)):
             raise ValueError(f"[model] {key} must be a list of integers, got {value!r}")
     try:
@@ -337,7 +337,7 @@ def _check_diagnostics_every(value) -> None:
 
 
 def _model_table(value) -> dict[str, Any]:
-    """The ``[model]`` table, from a table or a bare model name."""
+    """Return the ``[model]`` table, from a table or a bare model name."""
     model = {"name": value} if isinstance(value, str) else value
     if not isinstance(model, dict):
         raise ValueError(

@@ -492,14 +492,15 @@ def _drop_epochs_after_checkpoints(out: Path, log: ResultsLog, pending, seeds) -
     Raises:
         ValueError: if ``results.jsonl`` lacks an epoch that a checkpoint already covers
             (the file was emptied or edited). Resuming would leave those epochs out of
-            the tables, so the message says which checkpoint to delete to retrain.
+            the tables, so the message names the checkpoint to delete to retrain.
     """
+    records = read_results(log.path)
     last_saved = {}
     for spec in pending:
         path = out / "checkpoints" / f"{spec.rule}.msgpack"
         last_saved[spec.rule] = _checkpoint_epoch(path)
-        _check_epochs_recorded(read_results(log.path), spec.rule, seeds, last_saved[spec.rule],
-                               path)
+        _check_epochs_recorded(records, spec.rule, seeds, last_saved[spec.rule], path)
+
     log.keep(lambda r: r["rule"] not in last_saved or r["epoch"] <= last_saved[r["rule"]])
 
 

@@ -408,7 +408,8 @@ def plot_alignment(records, path: Path) -> bool:
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
-    """The resolved config in ``path``, or None without one; ``ValueError`` if damaged."""
+    """Return the resolved config in ``path``, or None without one; raise ``ValueError`` if
+    it is damaged."""
     if not path.exists():
         return None
     try:

@@ -669,12 +669,13 @@ RESULT_FILES = {
 def check_output_folder(out: Path, names: Sequence[str]) -> None:
     """Raise ``ValueError`` if the files ``names`` cannot be written into the folder ``out``.
 
-    Rejects an ``out`` that is an existing file, one that lies inside a file, and a folder
-    where one of ``names`` is a folder. The messages name ``--out`` and the path in the way.
+    Rejects an ``out`` that is an existing file, one that lies inside a file, one where no
+    file can be created (``checkpoint.check_writable``), and a folder where one of ``names``
+    is a folder. The messages name ``--out`` and the path in the way.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; name a folder")
-    checkpoint.check_parent_folders(out)
+    checkpoint.check_writable(out)
     for name in names:
         if (out / name).is_dir():
             raise ValueError(
@@ -691,7 +692,6 @@ def prepare_output_folder(out: Path, names: Sequence[str]) -> str | None:
     """
     try:
         check_output_folder(out, names)
-        checkpoint.check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
     except ValueError as error:
         return str(error)

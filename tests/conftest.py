@@ -95,3 +95,18 @@ def random_batch():
     x = jnp.asarray(rng.uniform(0.0, 1.0, (16, 8, 8, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
     return x, y
+
+
+@pytest.fixture
+def unwritable_folders(monkeypatch):
+    """Make every output folder unwritable, as a folder without write permission is.
+
+    Running as root ignores permission bits, so ``checkpoint``'s temporary files fail
+    instead.
+    """
+    from bpalt import checkpoint
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", deny)

@@ -135,7 +135,7 @@ def test_config_rejects_inf_learning_rate(tmp_path, capsys):
         ("model = []", "model must be a model name or a [model] table, got []"),
     ],
 )
-def test_config_value_of_wrong_type_rejected(tmp_path, capsys, line, message):
+def test_config_wrong_type_rejected(tmp_path, capsys, line, message):
     status = _compare_with_config(tmp_path, line + "\n")
 
     assert status == 2
@@ -372,7 +372,7 @@ def test_blas_limited_to_one_thread():
         (["--epoch-rules", "bp,,fa"], "expected comma-separated names, got 'bp,,fa'"),
     ],
 )
-def test_bench_bad_values_rejected_before_timing(arguments, message, capsys):
+def test_bench_bad_values_rejected(arguments, message, capsys):
     try:
         status = cli.main(["bench", "--workloads", "W1", *arguments])
     except SystemExit as exit_:  # argparse's own errors exit with the same status
@@ -383,18 +383,7 @@ def test_bench_bad_values_rejected_before_timing(arguments, message, capsys):
     assert "Traceback" not in err
 
 
-def _unwritable(monkeypatch):
-    """Make every temporary file fail as in a folder without write permission."""
-    from bpalt import checkpoint
-
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", refuse)
-
-
-def test_bench_unwritable_out_rejected_before_timing(tmp_path, monkeypatch, capsys):
-    _unwritable(monkeypatch)
+def test_bench_unwritable_out_rejected(tmp_path, capsys, unwritable_folders):
 
     assert cli.main(["bench", "--workloads", "W1", "--out", str(tmp_path / "bench")]) == 2
 
@@ -402,8 +391,7 @@ def test_bench_unwritable_out_rejected_before_timing(tmp_path, monkeypatch, caps
         "denied)" in capsys.readouterr().err
 
 
-def test_compare_unwritable_out_rejected(tmp_path, monkeypatch, capsys):
-    _unwritable(monkeypatch)
+def test_compare_unwritable_out_rejected(tmp_path, capsys, unwritable_folders):
 
     status = cli.main(["compare", "--rules", "bp", "--out", str(tmp_path / "run")])
 
@@ -412,7 +400,7 @@ def test_compare_unwritable_out_rejected(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_bench_measurements_kept_when_writing_fails(tmp_path, monkeypatch, capsys):
+def test_bench_keeps_results_on_write_failure(tmp_path, monkeypatch, capsys):
     from bpalt import bench
 
     def fail(*args, **kwargs):
@@ -448,7 +436,7 @@ def test_seed_count_capped(capsys):
     assert "at most 1000 seeds per rule, got 99999999999" in capsys.readouterr().err
 
 
-def test_bad_file_value_reported_under_override(tmp_path, capsys):
+def test_file_value_checked_under_override(tmp_path, capsys):
     config = tmp_path / "config.toml"
     config.write_text('epochs = "ten"\n')
 
@@ -458,7 +446,7 @@ def test_bad_file_value_reported_under_override(tmp_path, capsys):
     assert f"{config}: epochs must be a positive integer, got 'ten'" in capsys.readouterr().err
 
 
-def test_model_list_setting_given_a_string(tmp_path, capsys):
+def test_model_list_given_as_string(tmp_path, capsys):
     status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nchannels = "16"\n')
 
     assert status == 2
@@ -470,7 +458,7 @@ class _Exit(Exception):
 
 
 @pytest.mark.parametrize(("status", "way"), [(130, "_exit"), (0, "exit"), (2, "exit")])
-def test_entry_skips_teardown_only_after_interrupt(monkeypatch, status, way):
+def test_entry_exit_after_interrupt(monkeypatch, status, way):
     calls = []
 
     def record(name):
@@ -491,7 +479,7 @@ def test_entry_skips_teardown_only_after_interrupt(monkeypatch, status, way):
     assert calls == [(way, status)]
 
 
-def test_model_class_count_must_match_data(tmp_path, capsys):
+def test_model_class_count_mismatch(tmp_path, capsys):
     status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nnum_classes = 5\n')
 
     assert status == 2
@@ -511,8 +499,7 @@ def test_dangling_symlink_out_rejected(tmp_path, capsys):
     )
 
 
-def test_table_unwritable_folder_rejected(tmp_path, monkeypatch, capsys):
-    _unwritable(monkeypatch)
+def test_table_unwritable_folder_rejected(tmp_path, capsys, unwritable_folders):
 
     assert cli.main(["table", str(tmp_path)]) == 2
     assert f"results folder {tmp_path}: cannot create files in {tmp_path}" in (
@@ -520,10 +507,9 @@ def test_table_unwritable_folder_rejected(tmp_path, monkeypatch, capsys):
     )
 
 
-def test_write_error_names_the_file(tmp_path, monkeypatch):
+def test_write_error_names_the_file(tmp_path, unwritable_folders):
     from bpalt import checkpoint
 
-    _unwritable(monkeypatch)
 
     with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'summary.md'}: Permission"):
         checkpoint.write_atomic(tmp_path / "summary.md", "text")

@@ -577,7 +577,7 @@ def test_network_with_bad_block_shapes_raises():
         nn.Network([nn.dense(3)], (8, 8, 1))
 
 
-def test_input_of_wrong_shape_rejected_by_apply_and_step():
+def test_wrong_input_shape_rejected():
     import optax
 
     from bpalt import train

@@ -304,13 +304,7 @@ def _fail_if_called(*args, **kwargs):
     raise AssertionError("the study ran although --out was rejected")
 
 
-def test_unwritable_existing_out_rejected_before_study(tmp_path, monkeypatch, capsys):
-    from bpalt import checkpoint
-
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", refuse)
+def test_unwritable_out_rejected_before_study(tmp_path, monkeypatch, capsys, unwritable_folders):
     monkeypatch.setattr(studies, "init_study", _fail_if_called)
 
     status = studies.main(["init", "--out", str(tmp_path)])
