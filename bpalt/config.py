@@ -214,10 +214,27 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
         # given there would be split into characters.
         if accepted[key].annotation == "Sequence[int]" and not isinstance(value, (list, tuple)):
             raise ValueError(f"[model] {key} must be a list of integers, got {value!r}")
+    missing = [
+        key for key, parameter in accepted.items()
+        if parameter.default is inspect.Parameter.empty and key not in model
+    ]
+    if missing:
+        raise ValueError(
+            f"model {name!r} needs the [model] setting(s) {', '.join(missing)} in the config "
+            f"file (the arguments of bpalt.models.{name}), e.g. hidden = [256, 128]"
+            if missing == ["hidden"] else
+            f"model {name!r} needs the [model] setting(s) {', '.join(missing)} in the config "
+            f"file (the arguments of bpalt.models.{name})"
+        )
+    given = {key: value for key, value in comparison.model.items() if key != "name"}
     try:
         return models.MODELS[name](**model)
-    except TypeError as error:
-        raise ValueError(f"invalid [model] settings for {name!r}: {error}") from None
+    except (TypeError, ValueError) as error:
+        settings = f"[model] settings {given}" if given else "default [model] settings"
+        raise ValueError(
+            f"model {name!r} with {settings} does not build for input shape "
+            f"{model['input_shape']}: {error}"
+        ) from None
 
 
 def with_baselines(rule_names) -> tuple[str, ...]:

@@ -453,6 +453,27 @@ def test_model_list_given_as_string(tmp_path, capsys):
     assert "[model] channels must be a list of integers, got '16'" in capsys.readouterr().err
 
 
+def test_model_without_required_setting_names_it(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, '[model]\nname = "mlp"\n')
+
+    assert status == 2
+    assert (
+        "model 'mlp' needs the [model] setting(s) hidden in the config file (the arguments of "
+        "bpalt.models.mlp), e.g. hidden = [256, 128]" in capsys.readouterr().err
+    )
+
+
+def test_model_setting_out_of_range_names_the_setting(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nchannels = [0]\n')
+
+    assert status == 2
+    assert (
+        "model 'digits_cnn' with [model] settings {'channels': [0]} does not build for input "
+        "shape (8, 8, 1): conv2d features must be a positive integer, got 0"
+        in capsys.readouterr().err
+    )
+
+
 class _Exit(Exception):
     pass
 
