@@ -51,7 +51,7 @@ import threadpoolctl
 from jax import lax
 
 from bpalt import checkpoint, losses, nn, reporting, rules, train, workloads
-from bpalt.argtypes import USAGE_ERROR, OneLineParser, usage_line
+from bpalt.argtypes import INTERRUPTED, USAGE_ERROR, OneLineParser, exit_process, usage_line
 from bpalt.workloads import Workload
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -803,7 +803,7 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
     present = [name for name in LOCAL_RULES if name in rules.names() and name in selected]
     result = {"batch_size": settings.local_batch, "rows": []}
     if settings.local_batch <= 0:
-        return {**result, "skipped": {"all": "not measured (local_batch 0)"}}
+        return {**result, "skipped": {"all": "not measured (--local-batch 0)"}}
     if not present:
         return {**result, "skipped": {
             name: "not registered" if name not in rules.names() else "not selected (--rules)"
@@ -838,7 +838,7 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
 def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
     """Time ``bpalt.ntk.empirical_ntk`` of ``n x n`` inputs, for each of its methods."""
     if settings.ntk_examples <= 0:
-        return {"rows": [], "skipped": "not measured (ntk_examples 0)"}
+        return {"rows": [], "skipped": "not measured (--ntk-examples 0)"}
     if "ntk" not in _rule_names(settings):
         return {"rows": [], "skipped": "not measured (ntk not selected by --rules)"}
     ntk, reason = _import("bpalt.ntk")
@@ -891,38 +891,47 @@ def load_average() -> list[float] | None:
         return None
 
 
-def run(settings: Settings, log: Callable[[str], None] = lambda message: None) -> dict:
-    """Run every measurement of ``settings``; return the results as a JSON-ready dict."""
-    results: dict[str, Any] = {
+def run(
+    settings: Settings, log: Callable[[str], None] = lambda message: None, results=None
+) -> dict:
+    """Run every measurement of ``settings``; return the results as a JSON-ready dict.
+
+    ``results``, when given, is filled in place as each measurement finishes, so that a
+    caller still holds the finished ones if the run is interrupted or fails.
+    """
+    results = {} if results is None else results
+    results.update({
         "settings": dataclasses.asdict(settings),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": load_average(),
         "environment": environment(),
         "rules": list(_rule_names(settings)),
-    }
+    })
     log("matmul rate")
     results["matmul"] = matmul_rate(settings.matmul_size)
     results["workloads"] = {}
     for name in settings.workloads:
-        results["workloads"][name] = run_workload(workloads.get(name), settings, log)
+        entry = results["workloads"].setdefault(name, {})
+        run_workload(workloads.get(name), settings, log, entry)
     results["load_average_end"] = load_average()
     results["targets"] = evaluate_targets(results)
     return results
 
 
-def run_workload(workload: Workload, settings: Settings, log) -> dict[str, Any]:
-    """Run every measurement of one workload."""
+def run_workload(workload: Workload, settings: Settings, log, entry=None) -> dict[str, Any]:
+    """Run every measurement of one workload, filling ``entry`` (a new dict by default)."""
     x, y, source = workloads.training_data(workload, settings.data_dir)
     batch_size = settings.batch_size or workload.batch_size
     check_batch_size(workload, batch_size, x.shape[0])
     batch = workloads.first_batch(x, y, batch_size)
     log(f"{workload.name}: {source}")
-    entry: dict[str, Any] = {
+    entry = {} if entry is None else entry
+    entry.update({
         "description": workload.description,
         "batch_size": batch_size,
         "data": source,
         "load_average_start": load_average(),
-    }
+    })
     entry["steps"] = step_times(workload, settings, batch, log)
     entry.update(seeds_and_epoch(workload, settings, x, y, log))
     if workload.name == "W1":
@@ -969,32 +978,41 @@ def _target(name, measured, limit, unit, *, at_least=False, note=""):
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """List every target: the measured value, its limit and whether it is met."""
+    """List every target: the measured value, its limit and whether it is met.
+
+    A target that this run did not measure (a rule not selected, a part skipped by an
+    option, a peer not installed) is listed as not measured, with the reason as its note.
+    """
     targets = []
     for name, entry in results["workloads"].items():
-        rows = entry["steps"]["rows"]
-        targets += _step_targets(name, rows, entry["steps"]["skipped"], results["matmul"])
-        for row in entry.get("seeds", []):
-            if row["rule"] == "bp":
-                targets.append(_seeds_target(name, row))
-        local = entry.get("local_rules")
-        if local:
-            targets += _local_targets(local)
-        ntk = entry.get("ntk")
-        if ntk and ntk.get("rows"):
-            best = min(ntk["rows"], key=lambda row: row["median_ms"])
-            targets.append(
-                _target(f"{name}: empirical NTK, {ntk['examples']} x {ntk['examples']} inputs",
-                        best["median_ms"], 30.0, "ms", note=best["name"])
-            )
+        steps = entry["steps"]
+        targets += _step_targets(name, steps["rows"], steps["skipped"], results["matmul"])
+        targets.append(_seeds_target(name, entry))
+        if name == "W1":
+            targets += _local_targets(entry.get("local_rules") or {})
+            targets.append(_ntk_target(entry.get("ntk") or {}))
     return targets
 
 
-def _seeds_target(workload: str, row) -> dict:
-    """Build the target on ``row["seeds"]`` seeds of bp in one step against one seed.
+def _ntk_target(ntk) -> dict:
+    """Build the target on the fastest empirical NTK method, or say why it is missing."""
+    examples = ntk.get("examples", 64)
+    name = f"W1: empirical NTK of {examples} inputs ({examples} x {examples} kernel)"
+    if not ntk.get("rows"):
+        return _target(name, None, 30.0, "ms", note=ntk.get("skipped", "not measured"))
+    best = min(ntk["rows"], key=lambda row: row["median_ms"])
+    return _target(name, best["median_ms"], 30.0, "ms", note=best["name"])
+
+
+def _seeds_target(workload: str, entry) -> dict:
+    """Build the target on several seeds of bp in one step against one seed.
 
     With one seed both steps train a single seed, so the target is not measured.
     """
+    row = next((r for r in entry.get("seeds", []) if r["rule"] == "bp"), None)
+    if row is None:
+        reason = entry.get("skipped", {}).get("bp", "bp not in --seed-rules")
+        return _target(f"{workload}: seeds / 1 seed (bp)", None, 1.6, "x", note=reason)
     if row["seeds"] < 2:
         return _target(f"{workload}: seeds / 1 seed (bp)", None, 1.6, "x",
                        note=f"needs --seeds 2 or more, got {row['seeds']}")
@@ -1010,7 +1028,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
     if bp is None:
         return targets
 
-    targets.append(_target(f"{workload}: bp / hand-written JAX step", bp["ratio_to_reference"],
+    targets.append(_target(f"{workload}: bp / jax.grad + optax step", bp["ratio_to_reference"],
                            1.05, "x"))
     if torch_row is not None:
         targets.append(_target(f"{workload}: bp / PyTorch eager", _pair(bp, torch_row), 1.0,
@@ -1019,11 +1037,16 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
         targets.append(_target(f"{workload}: bp / PyTorch eager", None, 1.0, "x",
                                note=_peer_note(skipped, "PyTorch eager")))
     if workload == "W2":
-        targets.append(_target("W2: bp step", bp["median_ms"], 4.7, "ms"))
+        note = "PyTorch eager's time on an idle machine"
+        if torch_row is not None:
+            note += f"; this run: {_ms(torch_row['median_ms'])} ms"
+        targets.append(_target("W2: bp step", bp["median_ms"], 4.7, "ms", note=note))
 
     for rule, limit in (("fa", 1.15), ("dfa", 1.10)):
         row = _find(rows, rule)
         if row is None:
+            reason = skipped.get(rule, "not selected by --rules")
+            targets.append(_target(f"{workload}: {rule} / bp", None, limit, "x", note=reason))
             continue
         targets.append(_target(f"{workload}: {rule} / bp", _pair(row, bp), limit, "x"))
         peer = _find(rows, f"BioTorch {rule}")
@@ -1035,6 +1058,9 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
         ))
 
     es, evosax = _find(rows, "es"), next((r for r in rows if r["name"].startswith("evosax")), None)
+    if es is None and workload == "W1":
+        targets.append(_target("W1: es generation / evosax Open_ES", None, 0.6, "x",
+                               note=skipped.get("es", "es not selected by --rules")))
     if es is not None and workload == "W1":
         targets.append(_target(
             "W1: es generation / evosax Open_ES",
@@ -1044,11 +1070,15 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
         ))
 
     machine = gflops(_find(rows, MATMUL) or {}) or matmul.get("gflops")
-    if bp.get("flops") and machine:
-        fraction = gflops(bp) / machine
-        if workload == "W2":
-            targets.append(_target("W2 (stretch): bp FLOP rate / matmul rate", fraction, 0.30,
-                                   "fraction", at_least=True))
+    if workload == "W2" and bp.get("flops") and machine:
+        name = "W2 (stretch): bp FLOP rate / matmul rate"
+        if matmul["size"] < SMALL_MATMUL:
+            # A small matmul runs below the machine's rate, so the fraction would flatter.
+            targets.append(_target(name, None, 0.30, "fraction", at_least=True,
+                                   note=f"needs --matmul-size {SMALL_MATMUL} or more"))
+        else:
+            targets.append(_target(name, gflops(bp) / machine, 0.30, "fraction",
+                                   at_least=True))
     return targets
 
 
@@ -1063,6 +1093,10 @@ def _peer_note(skipped: dict[str, str], name: str) -> str:
 
 
 def _local_targets(local) -> list[dict]:
+    """Build the targets of the local rules at ``local["batch_size"]`` against bp."""
+    if not local.get("batch_size"):
+        return [_target(f"W1: {name} / bp at batch {Settings().local_batch}", None, 2.0, "x",
+                        note="not measured (--local-batch 0)") for name in LOCAL_RULES]
     targets = []
     for row in local["rows"]:
         if row["name"] in LOCAL_RULES:
@@ -1131,6 +1165,12 @@ def _step_lines(entry) -> list[str]:
 
 MAX_MATMUL = 8192
 """Largest ``--matmul-size``: its three float32 matrices take 768 MiB."""
+MAX_BENCH_SEEDS = 16
+"""Largest ``--seeds``: the seeds measurement also runs them under ``vmap``, where every
+seed's activations are live at once (the arrays of one W2 backprop step sum to 260 MiB)."""
+MAX_ES_POPULATION = 4096
+"""Largest ``--es-population``: ES at 256 held 137 MiB of buffers on W2, 16 times more at
+this cap."""
 SMALL_MATMUL = 1024
 """Matmul side below which the measured rate understates the machine's."""
 
@@ -1184,11 +1224,12 @@ def _seed_lines(entry) -> list[str]:
 
 def _epoch_lines(entry) -> list[str]:
     rows = [
-        (r["rule"], r["steps_per_epoch"], _ms(r["epoch_ms"]), _ms(r["step_ms"]),
+        (r["rule"], r["seeds"], r["steps_per_epoch"], _ms(r["epoch_ms"]), _ms(r["step_ms"]),
          f"{r['ratio']:.2f}")
         for r in entry.get("epochs", [])
     ]
-    return _table(("rule", "steps", "epoch ms", "step ms", "epoch / (steps x step)"), rows)
+    return _table(("rule", "seeds in each step", "steps", "epoch ms", "step ms",
+                   "epoch / (steps x step)"), rows)
 
 
 def _local_lines(local) -> list[str]:
@@ -1246,7 +1287,9 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
         "",
         *_target_lines(results["targets"]),
         f"Matmul rate: float32 {results['matmul']['size']}x{results['matmul']['size']} in "
-        f"{results['matmul']['median_ms']:.2f} ms, {results['matmul']['gflops']:.1f} GFLOP/s."
+        f"{results['matmul']['median_ms']:.2f} ms, {results['matmul']['gflops']:.1f} GFLOP/s, "
+        "timed alone before the workloads. Each workload times the same matmul again in its "
+        "rounds (its row `float32 matmul`), and the FLOP fractions use that rate."
         + _small_matmul_note(results["matmul"]["size"]),
         "",
     ]
@@ -1291,9 +1334,21 @@ def existing_notes(path: Path) -> str:
     return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
 
 
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """``<out>.md`` and ``<out>.json``.
+
+    The suffixes are appended, so that ``--out runs/bench.1`` and ``--out runs/bench.2``
+    write different files; an ``--out`` that already ends in ``.md`` or ``.json`` drops it.
+    """
+    out = Path(out)
+    if out.suffix in (".md", ".json"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
+
+
 def write_results(results: dict, out: Path, command: str) -> tuple[Path, Path]:
     """Write ``<out>.md`` and ``<out>.json``, keeping the notes of an earlier ``<out>.md``."""
-    md_path, json_path = out.with_suffix(".md"), out.with_suffix(".json")
+    md_path, json_path = output_paths(out)
     results = {**results, "command": command}
     checkpoint.write_atomic(json_path, json.dumps(results, indent=1, default=str) + "\n")
     checkpoint.write_atomic(md_path, markdown(results, command, existing_notes(md_path)))
@@ -1313,7 +1368,7 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(default_out: str = "benchmarks") -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="bpalt bench",
         description="Time every registered rule, the hand-written JAX step and peer libraries.",
@@ -1329,42 +1384,46 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"rounds the timed steps are split into (default {defaults.rounds}, "
                         "or --steps when fewer)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
-                        help="untimed steps after compiling (default 3)")
+                        help="untimed steps after compiling (default 3); every round also "
+                        "runs one untimed step per row")
     parser.add_argument("--batch-size", type=int,
                         help="override every workload's batch size (at most the number of "
                         "training examples)")
-    parser.add_argument("--data-dir", help="folder with MNIST t10k IDX files for W2")
+    parser.add_argument("--data-dir",
+                        help="folder with the MNIST t10k IDX files (10,000 images) for W2; "
+                        "without it W2 runs on random data")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch, BioTorch, evosax")
     parser.add_argument("--seeds", type=int, default=defaults.seeds,
-                        help="seeds in one step, against one seed (default 3)")
+                        help=f"seeds in one step, against one seed (default 3, at most "
+                        f"{MAX_BENCH_SEEDS})")
     parser.add_argument("--seed-rules", type=_names,
-                        help="rules of the seeds measurement (default: all; an empty list "
-                        "skips it)")
+                        help="rules of the seeds measurement (default: those of --rules; an "
+                        "empty list skips it)")
     parser.add_argument("--epoch-rules", type=_names, default=defaults.epoch_rules,
                         help="rules of the training-loop measurement (default bp; an empty "
                         "list skips it)")
     parser.add_argument("--seeds-budget", type=float, default=defaults.seeds_budget_s,
                         help="seconds the seeds measurement of one rule may take (default 30)")
     parser.add_argument("--es-population", type=int, default=defaults.es_population,
-                        help="population of the ES rule and of evosax's Open_ES (default 256)")
+                        help="population of the ES rule and of evosax's Open_ES: even, at "
+                        f"most {MAX_ES_POPULATION} (default 256)")
     parser.add_argument("--local-batch", type=int, default=defaults.local_batch,
-                        help="batch of the HSIC / Greedy InfoMax comparison "
-                        f"(default {defaults.local_batch}; 0 skips it)")
+                        help="batch of the HSIC / Greedy InfoMax comparison, at most W1's "
+                        f"training examples (default {defaults.local_batch}; 0 skips it)")
     parser.add_argument("--ntk-examples", type=int, default=defaults.ntk_examples,
-                        help="inputs of the empirical NTK timing "
-                        f"(default {defaults.ntk_examples}; 0 skips it)")
+                        help="inputs of the empirical NTK timing, at most W1's training "
+                        f"examples (default {defaults.ntk_examples}; 0 skips it)")
     parser.add_argument("--matmul-size", type=int, default=defaults.matmul_size,
                         help="side of the float32 matmul that gives the machine's FLOP rate "
-                        "(default 2048)")
+                        f"(default 2048, at most {MAX_MATMUL})")
     parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help="timed epochs of the training-loop measurement "
-                        f"(default {defaults.epochs}; 0 skips it)")
+                        help="timed epochs of the training-loop measurement, after one "
+                        f"untimed epoch (default {defaults.epochs}; 0 skips it)")
     parser.add_argument("--epoch-steps", type=int,
                         help="cap the steps of each timed epoch (default: the whole set)")
-    parser.add_argument("--out", default="benchmarks",
+    parser.add_argument("--out", default=default_out,
                         help="output path without suffix: writes OUT.md and OUT.json "
-                        "(default benchmarks: benchmarks.md and benchmarks.json in the "
-                        "current folder)")
+                        f"(default {default_out})")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -1393,6 +1452,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ValueError(
             f"--matmul-size must be at most {MAX_MATMUL} (three {MAX_MATMUL}x{MAX_MATMUL} "
             f"float32 matrices take 768 MiB), got {args.matmul_size}"
+        )
+    if args.seeds > MAX_BENCH_SEEDS:
+        raise ValueError(
+            f"--seeds must be at most {MAX_BENCH_SEEDS} (under vmap every seed's activations "
+            f"are live at once), got {args.seeds}"
+        )
+    if args.es_population > MAX_ES_POPULATION:
+        raise ValueError(
+            f"--es-population must be at most {MAX_ES_POPULATION} (ES holds one perturbation "
+            f"of every parameter per member; 256 is the population of the evosax "
+            f"comparison), got {args.es_population}"
         )
     if args.es_population < 2 or args.es_population % 2:
         raise ValueError(
@@ -1452,7 +1522,7 @@ def check_out(out: Path) -> None:
             f"--out {out} is a folder, but it names the output files without their suffix; "
             f"use --out {out / 'benchmarks'} to write benchmarks.md and benchmarks.json there"
         )
-    for path in (out.with_suffix(".md"), out.with_suffix(".json")):
+    for path in output_paths(out):
         if path.is_dir():
             raise ValueError(f"--out would write {path}, which is a folder; choose another --out")
     checkpoint.check_writable(out)
@@ -1468,16 +1538,32 @@ def check_training_sets(settings: Settings) -> None:
         workload = workloads.get(name)
         x, _, _ = workloads.training_data(workload, settings.data_dir)
         check_batch_size(workload, settings.batch_size or workload.batch_size, x.shape[0])
+        if name != "W1":
+            continue
+        for option, value in (("--local-batch", settings.local_batch),
+                              ("--ntk-examples", settings.ntk_examples)):
+            if value > x.shape[0]:
+                raise ValueError(
+                    f"{option} {value} is more than W1's {x.shape[0]} training examples; "
+                    f"use at most {x.shape[0]}, or 0 to skip that measurement"
+                )
 
 
-def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, command: str | None = None, default_out: str = "benchmarks"
+) -> int:
     """Run the benchmark from the command line; write ``--out``.md and ``--out``.json.
 
     A bad value prints one line and returns ``USAGE_ERROR`` before any timing. A value
     argparse cannot parse exits with that status instead. ``command`` is the command line
-    recorded in the output (default: ``python -m bpalt.bench`` and the arguments).
+    recorded in the output (default: ``python -m bpalt.bench`` and the arguments), and
+    ``default_out`` the ``--out`` used when none is given.
+
+    After Ctrl-C (status ``INTERRUPTED``) or a failure during timing (status 1), the
+    measurements finished so far are saved as JSON in the system's temporary folder, and
+    the message names that file.
     """
-    parser = build_parser()
+    parser = build_parser(default_out)
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
@@ -1500,28 +1586,46 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    # Spinning OpenBLAS threads slow XLA down (see ``cli.limit_blas_threads``).
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        results = run(settings, log)
+    results: dict[str, Any] = {}
+    try:
+        # Spinning OpenBLAS threads slow XLA down (see ``cli.limit_blas_threads``).
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            run(settings, log, results)
+    except KeyboardInterrupt:
+        rescue = _rescue(results, command.strip(), stopped="interrupted")
+        print(f"{parser.prog}: interrupted; the measurements finished so far are in {rescue}",
+              file=sys.stderr)
+        return INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - keep what was measured, then report
+        rescue = _rescue(results, command.strip(), stopped=_failure(error))
+        print(f"{parser.prog}: error: {_failure(error)}; the measurements finished so far are "
+              f"in {rescue}", file=sys.stderr)
+        return 1
     try:
         md_path, json_path = write_results(results, Path(args.out), command.strip())
     except OSError as error:
         # The folder was checked before timing, but it can still change during the run.
         rescue = _rescue(results, command.strip())
-        print(f"{parser.prog}: error: cannot write {args.out}.md or .json ({error}); the "
-              f"measurements are in {rescue}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}; the measurements are in {rescue}",
+              file=sys.stderr)
         return 1
     print(f"wrote {md_path} and {json_path}")
     return 0
 
 
-def _rescue(results: dict, command: str) -> Path:
-    """Write ``results`` as JSON to a new file in the system's temporary folder."""
+def _rescue(results: dict, command: str, stopped: str | None = None) -> Path:
+    """Write ``results`` as JSON to a new file in the system's temporary folder.
+
+    ``stopped`` says why a run ended early; it is recorded as ``"stopped"``.
+    """
     handle, path = tempfile.mkstemp(prefix="bpalt-bench-", suffix=".json")
+    record = {**results, "command": command}
+    if stopped is not None:
+        record["stopped"] = stopped
     with os.fdopen(handle, "w") as file:
-        json.dump({**results, "command": command}, file, indent=1, default=str)
+        json.dump(record, file, indent=1, default=str)
     return Path(path)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -19,15 +18,15 @@ import threading
 from pathlib import Path
 
 from bpalt.argtypes import (
+    INTERRUPTED,
     USAGE_ERROR,
     OneLineParser,
     diagnostics_interval,
+    exit_process,
     positive_float,
     positive_int,
 )
 
-INTERRUPTED = 130
-"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 RESULT_FILES = ("summary.md", "summary.tex", "results.jsonl", "curves.png", "alignment.png")
 
 
@@ -261,18 +260,11 @@ def main(argv=None) -> int:
 def entry() -> None:
     """Run ``main`` as the ``bpalt`` console script and exit with its status.
 
-    After an interrupt the process ends through ``os._exit``, skipping the interpreter's
-    teardown: that teardown, while XLA was still compiling on another thread, ended in a
-    segmentation fault in about half of the interrupted runs. ``results.jsonl`` and the
-    checkpoints are already synced to disk by then.
+    After an interrupt the process ends through ``argtypes.exit_process``, which skips the
+    interpreter's teardown; ``results.jsonl`` and the checkpoints are already synced to disk
+    by then.
     """
-    status = main()
-    if status == INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(status)
-    sys.exit(status)
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ error that names the file or value and what is wrong.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -98,8 +100,9 @@ def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     Names are case-insensitive and accept ``-`` for ``_`` (``fashion-mnist``).
 
     Raises:
-        ValueError: unknown name, missing ``data_dir``, or a corrupt file.
-        FileNotFoundError: the directory or one of the expected files does not exist.
+        ValueError: unknown name, missing or empty ``data_dir``, or a corrupt file.
+        FileNotFoundError: the directory or one of the expected files does not exist, or a
+            folder is in place of an expected file.
     """
     key = str(name).strip().lower().replace("-", "_")
     if key not in DATASETS:
@@ -231,7 +234,8 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
         uint8 array with the shape given in the header, e.g. (n, 28, 28) for images.
 
     Raises:
-        ValueError: the file is not valid IDX, or its length does not match the header.
+        ValueError: the file is not valid IDX, its length does not match the header, or
+            the header's sizes are too large for any array.
     """
     path = Path(path)
     data = path.read_bytes()
@@ -247,17 +251,33 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
 
     shape = _parse_idx_header(data, path, ndim)
     header_bytes = 4 + 4 * len(shape)
-    expected_bytes = header_bytes + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected_bytes:
-        problem = "truncated" if len(data) < expected_bytes else "too long"
-        found = f"{len(data)} bytes after decompression" if compressed else f"{len(data)} bytes"
-        raise ValueError(
-            f"invalid IDX file {path}: {problem}, expected {expected_bytes} bytes "
-            f"({header_bytes} header + data of shape {shape} at 1 byte each) but found {found}"
-        )
+    _check_idx_length(path, shape, len(data), compressed)
 
     # frombuffer avoids a Python loop per pixel. The copy makes the result writable.
     return np.frombuffer(data, dtype=np.uint8, offset=header_bytes).reshape(shape).copy()
+
+
+def _check_idx_length(path: Path, shape: tuple[int, ...], length: int, compressed: bool) -> None:
+    """Raise ValueError unless ``length`` equals the header size plus the data size of ``shape``."""
+    header_bytes = 4 + 4 * len(shape)
+    # math.prod on Python ints, because an int64 product of three sizes near 2**32 overflows.
+    expected_bytes = header_bytes + math.prod(shape)
+    if length == expected_bytes:
+        return
+
+    found = f"{length} bytes after decompression" if compressed else f"{length} bytes"
+    if expected_bytes > sys.maxsize:
+        raise ValueError(
+            f"invalid IDX file {path}: damaged header, because its dimension sizes {shape} "
+            f"imply a file of {expected_bytes} bytes, more than the largest possible array "
+            f"({sys.maxsize} bytes), but the file has {found}. Replace the file with an "
+            "intact copy"
+        )
+    problem = "truncated" if length < expected_bytes else "too long"
+    raise ValueError(
+        f"invalid IDX file {path}: {problem}, expected {expected_bytes} bytes "
+        f"({header_bytes} header + data of shape {shape} at 1 byte each) but found {found}"
+    )
 
 
 def _parse_idx_header(data: bytes, path: Path, ndim: int | None) -> tuple[int, ...]:
@@ -353,10 +373,12 @@ def load_idx_t10k(
 def _find_idx_files(directory: Path, name: str, stems: tuple[str, ...]) -> list[Path]:
     """Return the path of each IDX file stem in ``directory``, raw preferred over ``.gz``.
 
-    Raises FileNotFoundError listing every missing file at once.
+    Raises FileNotFoundError naming every folder in place of a file, or else listing
+    every missing file at once.
     """
     found: list[Path] = []
     missing: list[str] = []
+    folders: list[Path] = []
     for stem in stems:
         # The raw file is preferred when both exist because it needs no decompression.
         candidates = (directory / stem, directory / f"{stem}.gz")
@@ -365,7 +387,9 @@ def _find_idx_files(directory: Path, name: str, stems: tuple[str, ...]) -> list[
             found.append(existing[0])
         else:
             missing.append(f"{stem}[.gz]")
+            folders.extend(path for path in candidates if path.is_dir())
 
+    _reject_folders(folders, f"dataset {name!r}", "an IDX file")
     if missing:
         hint = ""
         if all(entry.startswith("train-") for entry in missing):
@@ -436,6 +460,11 @@ def _find_cifar10_dir(directory: Path) -> Path:
 
     # Report the missing files of the folder that has the most of them present.
     closest = min(searched, key=lambda candidate: len(missing_by_dir[candidate]))
+    _reject_folders(
+        [closest / file for file in missing_by_dir[closest]],
+        "dataset 'cifar10'",
+        "a CIFAR-10 binary batch file",
+    )
     raise FileNotFoundError(
         f"CIFAR-10 binary files not found: searched {searched[0]} and {searched[1]}; "
         f"expected {', '.join(expected)}; missing in {closest}: "
@@ -475,13 +504,37 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _require_directory(directory: str | os.PathLike) -> Path:
-    """Return ``directory`` as a Path, raising if it does not exist or is not a directory."""
+    """Return ``directory`` as a Path, raising if it is empty, missing or not a directory."""
+    # Path("") is Path("."), so an empty string would silently mean the current folder.
+    if os.fspath(directory) == "":
+        raise ValueError(
+            f"data directory {os.fspath(directory)!r} is an empty string; pass --data-dir "
+            "(data_dir=...) with the folder that contains the dataset files"
+        )
     path = Path(directory).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data directory not found: {path}")
     if not path.is_dir():
         raise NotADirectoryError(f"data directory {path} is a file, expected a directory")
     return path
+
+
+def _reject_folders(paths: list[Path], source: str, expected: str) -> None:
+    """Raise FileNotFoundError naming each of ``paths`` that is a folder.
+
+    ``source`` starts the message and ``expected`` describes the file that belongs at each
+    path. It raises FileNotFoundError rather than IsADirectoryError because the expected
+    file is absent, and ``bpalt.cli`` and ``bpalt.bench`` report FileNotFoundError in one line.
+    """
+    folders = [path for path in paths if path.is_dir()]
+    if not folders:
+        return
+    listed = ", ".join(str(path) for path in folders)
+    verb = "is a folder" if len(folders) == 1 else "are folders"
+    raise FileNotFoundError(
+        f"{source}: {listed} {verb}, but {expected} is expected there; move each folder "
+        "away and put the file in its place"
+    )
 
 
 def _scale_uint8(values: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ No timing is asserted: the figures depend on the machine and its load.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,7 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     assert seeds_row["one_seed_loop"] == "map"
     assert seeds_row["wide_batch"] == 2 * TINY["batch_size"]
     assert results["workloads"]["W1"]["epochs"][0]["steps_per_epoch"] == 2
-    assert any(t["target"] == "W1: bp / hand-written JAX step" for t in results["targets"])
+    assert any(t["target"] == "W1: bp / jax.grad + optax step" for t in results["targets"])
 
     md_path, json_path = bench.write_results(results, tmp_path / "bench", "tiny command")
     assert json.loads(json_path.read_text())["command"] == "tiny command"
@@ -260,13 +262,27 @@ def test_help_states_defaults(capsys):
 
     assert raised.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "batch of the HSIC / Greedy InfoMax comparison (default 256; 0 skips it)" in text
-    assert "inputs of the empirical NTK timing (default 64; 0 skips it)" in text
-    assert "timed epochs of the training-loop measurement (default 2; 0 skips it)" in text
-    assert (
-        "writes OUT.md and OUT.json (default benchmarks: benchmarks.md and benchmarks.json "
-        "in the current folder)" in text
+    assert ("batch of the HSIC / Greedy InfoMax comparison, at most W1's training examples "
+            "(default 256; 0 skips it)") in text
+    assert ("inputs of the empirical NTK timing, at most W1's training examples (default 64; "
+            "0 skips it)") in text
+    assert ("timed epochs of the training-loop measurement, after one untimed epoch "
+            "(default 2; 0 skips it)") in text
+    assert "rules of the seeds measurement (default: those of --rules;" in text
+    assert "writes OUT.md and OUT.json (default benchmarks)" in text
+
+
+def test_script_help_states_its_own_default_out(capsys):
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench.py")
+    result = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=120
     )
+
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    expected = os.path.join("experiments", "results", "benchmarks")
+    assert "writes OUT.md and OUT.json (default " in text
+    assert f"{expected})" in text
 
 
 def _seeds_results(seeds):
@@ -275,8 +291,12 @@ def _seeds_results(seeds):
     return {"workloads": {"W1": entry}, "matmul": {"gflops": None}}
 
 
+def _seeds_targets(results):
+    return [t for t in bench.evaluate_targets(results) if "seed" in t["target"]]
+
+
 def test_seeds_target_not_measured_with_one_seed():
-    targets = bench.evaluate_targets(_seeds_results(1))
+    targets = _seeds_targets(_seeds_results(1))
 
     assert targets == [{
         "target": "W1: seeds / 1 seed (bp)", "measured": None, "limit": 1.6, "unit": "x",
@@ -288,7 +308,7 @@ def test_seeds_target_not_measured_with_one_seed():
 
 
 def test_seeds_target_measured_with_several_seeds():
-    targets = bench.evaluate_targets(_seeds_results(3))
+    targets = _seeds_targets(_seeds_results(3))
 
     assert [t["target"] for t in targets] == ["W1: 3 seeds / 1 seed (bp, map)"]
     assert targets[0]["measured"] == 1.2
@@ -397,6 +417,107 @@ def test_repeated_names_measured_once():
 
     assert settings.workloads == ("W1",)
     assert settings.rules == ("bp", "fa")
+
+
+def test_every_target_listed_when_parts_are_skipped():
+    entry = {"steps": {"rows": [_timed_row("jax.grad + optax", 1.0), _timed_row("bp", 1.0)],
+                       "skipped": {}},
+             "seeds": [], "skipped": {},
+             "local_rules": {"batch_size": 0, "rows": [],
+                             "skipped": {"all": "not measured (--local-batch 0)"}},
+             "ntk": {"rows": [], "skipped": "not measured (--ntk-examples 0)"}}
+    results = {"workloads": {"W1": entry}, "matmul": {"size": 2048, "gflops": None}}
+
+    notes = {t["target"]: t["note"] for t in bench.evaluate_targets(results) if t["met"] is None}
+
+    assert notes == {
+        "W1: bp / PyTorch eager": "not measured",
+        "W1: fa / bp": "not selected by --rules",
+        "W1: dfa / bp": "not selected by --rules",
+        "W1: es generation / evosax Open_ES": "es not selected by --rules",
+        "W1: seeds / 1 seed (bp)": "bp not in --seed-rules",
+        "W1: hsic / bp at batch 256": "not measured (--local-batch 0)",
+        "W1: gim / bp at batch 256": "not measured (--local-batch 0)",
+        "W1: empirical NTK of 64 inputs (64 x 64 kernel)": "not measured (--ntk-examples 0)",
+    }
+
+
+def test_stretch_target_needs_a_large_matmul():
+    bp = {**_timed_row("bp", 2.0), "flops": 2e8}
+    rows = [_timed_row("jax.grad + optax", 2.0), bp, {**_timed_row(bench.MATMUL, 1.0),
+                                                      "flops": 2.0 * 512**3}]
+
+    def stretch(size):
+        targets = bench._step_targets("W2", rows, {}, {"size": size, "gflops": None})
+        return next(t for t in targets if "stretch" in t["target"])
+
+    assert stretch(512)["met"] is None
+    assert stretch(512)["note"] == f"needs --matmul-size {bench.SMALL_MATMUL} or more"
+    measured = stretch(2048)
+    assert measured["measured"] == pytest.approx((2e8 / 2e-3) / (2.0 * 512**3 / 1e-3))
+
+
+@pytest.mark.parametrize(
+    "out, expected",
+    [("runs/bench.1", ("runs/bench.1.md", "runs/bench.1.json")),
+     ("runs/bench", ("runs/bench.md", "runs/bench.json")),
+     ("runs/bench.md", ("runs/bench.md", "runs/bench.json"))],
+)
+def test_output_paths_append_suffixes(out, expected):
+    assert tuple(map(str, bench.output_paths(out))) == expected
+
+
+def _tiny_argv(tmp_path):
+    return ["--workloads", "W1", "--rules", "bp", "--steps", "2", "--rounds", "1", "--warmup",
+            "0", "--batch-size", "4", "--no-peers", "--seed-rules", "", "--epoch-rules", "",
+            "--local-batch", "0", "--ntk-examples", "0", "--matmul-size", "64", "--quiet",
+            "--out", str(tmp_path / "bench")]
+
+
+@pytest.mark.parametrize(
+    "error, status, message",
+    [(KeyboardInterrupt(), 130, "bpalt bench: interrupted; the measurements finished so far "
+      "are in"),
+     (MemoryError("out of memory"), 1, "bpalt bench: error: MemoryError: out of memory; the "
+      "measurements finished so far are in")],
+)
+def test_stopped_run_keeps_finished_measurements(tmp_path, monkeypatch, capsys, error, status,
+                                                 message):
+    def stop_after_steps(workload, settings, x, y, log):
+        raise error
+
+    monkeypatch.setattr(bench, "seeds_and_epoch", stop_after_steps)
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+
+    assert bench.main(_tiny_argv(tmp_path)) == status
+
+    err = capsys.readouterr().err
+    rescued = list(tmp_path.glob("bpalt-bench-*.json"))
+    assert len(rescued) == 1
+    assert f"{message} {rescued[0]}" in err
+    record = json.loads(rescued[0].read_text())
+    rows = record["workloads"]["W1"]["steps"]["rows"]
+    assert [row["name"] for row in rows][:2] == ["jax.grad + optax", "bp"]
+    assert record["stopped"] == ("interrupted" if status == 130 else "MemoryError: out of memory")
+    assert not (tmp_path / "bench.md").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--seeds", str(bench.MAX_BENCH_SEEDS + 1)], f"--seeds must be at most "
+      f"{bench.MAX_BENCH_SEEDS}"),
+     (["--es-population", str(bench.MAX_ES_POPULATION + 2)], "--es-population must be at most "
+      f"{bench.MAX_ES_POPULATION}"),
+     (["--local-batch", "100000"], "--local-batch 100000 is more than W1's 1437 training "
+      "examples; use at most 1437, or 0 to skip that measurement"),
+     (["--ntk-examples", "5000"], "--ntk-examples 5000 is more than W1's 1437 training "
+      "examples")],
+)
+def test_oversized_measurements_rejected_before_timing(tmp_path, capsys, argv, message):
+    assert bench.main([*argv, "--workloads", "W1", "--out", str(tmp_path / "b")]) == 2
+
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_small_matmul_note_only_below_threshold():

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bpalt import cli
+from bpalt import argtypes, cli
 
 
 @pytest.mark.parametrize(
@@ -490,9 +490,9 @@ def test_entry_exit_after_interrupt(monkeypatch, status, way):
         return exit_
 
     monkeypatch.setattr(cli, "main", lambda: status)
-    monkeypatch.setattr(cli.os, "_exit", record("_exit"))
-    monkeypatch.setattr(cli.sys, "exit", record("exit"))
-    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)
+    monkeypatch.setattr(argtypes.os, "_exit", record("_exit"))
+    monkeypatch.setattr(argtypes.sys, "exit", record("exit"))
+    monkeypatch.setattr(argtypes.logging, "shutdown", lambda: None)
 
     with pytest.raises(_Exit):
         cli.entry()

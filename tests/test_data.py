@@ -293,6 +293,22 @@ def test_idx_too_long_file(tmp_path):
         data.read_idx(path)
 
 
+def test_idx_implausible_sizes(tmp_path):
+    path = tmp_path / "images"
+    path.write_bytes(struct.pack(">4I", 0x0803, *(3 * [2**32 - 1])))
+
+    with pytest.raises(ValueError) as info:
+        data.read_idx(path)
+
+    # 16 header bytes plus (2**32 - 1)**3 data bytes, which overflows int64.
+    message = str(info.value)
+    sizes = "(4294967295, 4294967295, 4294967295)"
+    assert f"images: damaged header, because its dimension sizes {sizes} imply a file of " \
+        f"{16 + (2**32 - 1) ** 3} bytes" in message
+    assert "79228162458924105385300197391 bytes" in message
+    assert "but the file has 16 bytes. Replace the file with an intact copy" in message
+
+
 def test_idx_truncated_header(tmp_path):
     path = tmp_path / "images"
     path.write_bytes(struct.pack(">II", 0x0803, 10))
@@ -365,6 +381,48 @@ def test_idx_missing_t10k_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte\[\.gz\], "
                        r"t10k-labels-idx1-ubyte\[\.gz\] not found in"):
         data.load("fashion_mnist_t10k", tmp_path)
+
+
+def test_idx_file_path_is_a_folder(tmp_path):
+    write_idx_dataset(tmp_path)
+    folder = tmp_path / IDX_FILES["train_labels"]
+    folder.unlink()
+    folder.mkdir()
+
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("mnist", tmp_path)
+
+    assert str(info.value) == (
+        f"dataset 'mnist': {folder} is a folder, but an IDX file is expected there; "
+        "move each folder away and put the file in its place"
+    )
+
+
+def test_cifar10_file_path_is_a_folder(tmp_path):
+    write_cifar_dataset(tmp_path)
+    folder = tmp_path / "test_batch.bin"
+    folder.unlink()
+    folder.mkdir()
+
+    with pytest.raises(FileNotFoundError, match=r"test_batch\.bin is a folder, but a "
+                       r"CIFAR-10 binary batch file is expected there"):
+        data.load("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mnist", "kmnist_t10k", "cifar10"])
+def test_empty_data_dir(tmp_path, monkeypatch, name):
+    # The current folder holds a complete dataset, which an empty string must not load.
+    write_idx_dataset(tmp_path)
+    write_cifar_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ValueError) as info:
+        data.load(name, "")
+
+    assert str(info.value) == (
+        "data directory '' is an empty string; pass --data-dir (data_dir=...) with the "
+        "folder that contains the dataset files"
+    )
 
 
 def test_missing_directory(tmp_path):
