@@ -1289,7 +1289,7 @@ def markdown(results: dict, command: str, notes: str = "") -> str:
         f"Matmul rate: float32 {results['matmul']['size']}x{results['matmul']['size']} in "
         f"{results['matmul']['median_ms']:.2f} ms, {results['matmul']['gflops']:.1f} GFLOP/s, "
         "timed alone before the workloads. Each workload times the same matmul again in its "
-        "rounds (its row `float32 matmul`), and the FLOP fractions use that rate."
+        f"rounds (its row `{MATMUL}`), and the FLOP fractions use that rate."
         + _small_matmul_note(results["matmul"]["size"]),
         "",
     ]
