@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -806,7 +807,7 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
         return {**result, "skipped": {"all": "not measured (--local-batch 0)"}}
     if not present:
         return {**result, "skipped": {
-            name: "not registered" if name not in rules.names() else "not selected (--rules)"
+            name: "not registered" if name not in rules.names() else "not selected by --rules"
             for name in LOCAL_RULES
         }}
     network = workload.build()
@@ -831,7 +832,9 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
         row["ratio_to_bp"] = None if reference is None else _pair(row, reference)
     for name in LOCAL_RULES:
         if name not in present:
-            skipped[name] = "not registered" if name not in rules.names() else "not selected"
+            skipped[name] = (
+                "not registered" if name not in rules.names() else "not selected by --rules"
+            )
     return {"batch_size": settings.local_batch, "rows": rows, "skipped": skipped}
 
 
@@ -840,7 +843,7 @@ def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
     if settings.ntk_examples <= 0:
         return {"rows": [], "skipped": "not measured (--ntk-examples 0)"}
     if "ntk" not in _rule_names(settings):
-        return {"rows": [], "skipped": "not measured (ntk not selected by --rules)"}
+        return {"rows": [], "skipped": "ntk not selected by --rules"}
     ntk, reason = _import("bpalt.ntk")
     if ntk is None or not hasattr(ntk, "empirical_ntk"):
         return {"rows": [], "skipped": reason or "bpalt.ntk has no empirical_ntk"}
@@ -1512,11 +1515,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def check_out(out: Path) -> None:
+def check_out(out: str | Path) -> None:
     """Raise ``ValueError`` unless ``<out>.md`` and ``<out>.json`` can be written.
 
     Checked before timing starts, so that a bad ``--out`` costs no measurement.
     """
+    if not str(out).strip():
+        raise ValueError("--out is blank; name the output files without their suffix, "
+                         "e.g. --out benchmarks")
+    out = Path(out)
     if out.is_dir():
         raise ValueError(
             f"--out {out} is a folder, but it names the output files without their suffix; "
@@ -1571,11 +1578,15 @@ def main(
         print(usage_line(parser.prog, str(error)), file=sys.stderr)
         return USAGE_ERROR
     try:
-        check_out(Path(args.out))
+        check_out(args.out)
         check_training_sets(settings)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted before timing; nothing was measured",
+              file=sys.stderr)
+        return INTERRUPTED
     argv = sys.argv[1:] if argv is None else list(argv)
     if command is None:
         command = "python -m bpalt.bench " + " ".join(shlex.quote(a) for a in argv)
@@ -1592,6 +1603,8 @@ def main(
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
             run(settings, log, results)
     except KeyboardInterrupt:
+        # A second Ctrl-C must not cut the rescue file short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         rescue = _rescue(results, command.strip(), stopped="interrupted")
         print(f"{parser.prog}: interrupted; the measurements finished so far are in {rescue}",
               file=sys.stderr)

@@ -506,9 +506,9 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _require_directory(directory: str | os.PathLike) -> Path:
     """Return ``directory`` as a Path, raising if it is empty, missing or not a directory."""
     # Path("") is Path("."), so an empty string would silently mean the current folder.
-    if os.fspath(directory) == "":
+    if not os.fspath(directory).strip():
         raise ValueError(
-            f"data directory {os.fspath(directory)!r} is an empty string; pass --data-dir "
+            f"data directory {os.fspath(directory)!r} is blank; pass --data-dir "
             "(data_dir=...) with the folder that contains the dataset files"
         )
     path = Path(directory).expanduser()

@@ -398,11 +398,14 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
 
     def shape_fn(input_shape):
         h, w, c = input_shape
-        return (
-            conv_output_size(h, window, stride, padding),
-            conv_output_size(w, window, stride, padding),
-            c,
-        )
+        out_h = conv_output_size(h, window, stride, padding)
+        out_w = conv_output_size(w, window, stride, padding)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"pool window {window}x{window} with {padding} padding does not fit input "
+                f"{h}x{w}; use fewer pooling layers or a larger input"
+            )
+        return out_h, out_w, c
 
     def fn(x):
         n, h, w, c = x.shape

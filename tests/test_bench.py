@@ -106,13 +106,13 @@ def test_local_and_ntk_sections_follow_rules():
     only_bp = bench.Settings(**{**TINY, "local_batch": 8, "ntk_examples": 4}, rules=("bp",))
     local = bench.local_rules(workloads.W1, only_bp, x, y, lambda message: None)
     assert local["rows"] == []
-    assert local["skipped"] == {name: "not selected (--rules)" for name in bench.LOCAL_RULES}
+    assert local["skipped"] == {name: "not selected by --rules" for name in bench.LOCAL_RULES}
     assert "not selected" in bench.ntk_times(workloads.W1, only_bp, x, lambda m: None)["skipped"]
 
     with_hsic = bench.Settings(**{**TINY, "local_batch": 8}, rules=("bp", "hsic"))
     local = bench.local_rules(workloads.W1, with_hsic, x, y, lambda message: None)
     assert [row["name"] for row in local["rows"]] == ["bp", "hsic", "hsic (plain estimator)"]
-    assert local["skipped"] == {"gim": "not selected"}
+    assert local["skipped"] == {"gim": "not selected by --rules"}
 
 
 def _timed_row(name, median_ms):
@@ -518,6 +518,28 @@ def test_oversized_measurements_rejected_before_timing(tmp_path, capsys, argv, m
 
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_blank_out_rejected(capsys, out):
+    assert bench.main(["--workloads", "W1", "--out", out]) == 2
+
+    assert "--out is blank; name the output files without their suffix" in (
+        capsys.readouterr().err
+    )
+
+
+def test_interrupt_before_timing_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupt(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "check_training_sets", interrupt)
+
+    assert bench.main(["--workloads", "W1", "--out", str(tmp_path / "b")]) == 130
+
+    assert capsys.readouterr().err == (
+        "bpalt bench: interrupted before timing; nothing was measured\n"
+    )
 
 
 def test_small_matmul_note_only_below_threshold():

@@ -409,18 +409,19 @@ def test_cifar10_file_path_is_a_folder(tmp_path):
         data.load("cifar10", tmp_path)
 
 
+@pytest.mark.parametrize("blank", ["", " "])
 @pytest.mark.parametrize("name", ["mnist", "kmnist_t10k", "cifar10"])
-def test_empty_data_dir(tmp_path, monkeypatch, name):
+def test_blank_data_dir(tmp_path, monkeypatch, name, blank):
     # The current folder holds a complete dataset, which an empty string must not load.
     write_idx_dataset(tmp_path)
     write_cifar_dataset(tmp_path)
     monkeypatch.chdir(tmp_path)
 
     with pytest.raises(ValueError) as info:
-        data.load(name, "")
+        data.load(name, blank)
 
     assert str(info.value) == (
-        "data directory '' is an empty string; pass --data-dir (data_dir=...) with the "
+        f"data directory {blank!r} is blank; pass --data-dir (data_dir=...) with the "
         "folder that contains the dataset files"
     )
 

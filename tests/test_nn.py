@@ -572,6 +572,14 @@ def test_conv2d_valid_kernel_too_large_raises():
         nn.conv2d(3, 5, padding="VALID").init(KEY, (4, 4, 1))
 
 
+def test_pool_on_too_small_input_raises():
+    blocks = [nn.serial(nn.conv2d(2), nn.max_pool(2)) for _ in range(4)]
+
+    with pytest.raises(ValueError, match="pool window 2x2 with VALID padding does not fit "
+                                         "input 1x1; use fewer pooling layers"):
+        nn.Network([*blocks, nn.serial(nn.flatten, nn.dense(10))], (8, 8, 1))
+
+
 def test_network_with_bad_block_shapes_raises():
     with pytest.raises(ValueError, match="dense expects a flat input"):
         nn.Network([nn.dense(3)], (8, 8, 1))
