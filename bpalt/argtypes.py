@@ -20,7 +20,7 @@ INTERRUPTED = 130
 
 
 def exit_process(status: int) -> None:
-    """Exit a command with ``status``; after an interrupt, skip the interpreter's teardown.
+    """Exit a command with ``status``, skipping the interpreter's teardown after an interrupt.
 
     That teardown, while XLA was still compiling on another thread, ended in a segmentation
     fault in about half of the interrupted runs. Everything a command keeps is written to

@@ -62,6 +62,8 @@ BACKPROP_STEPS = ("jax.grad + optax", "bp", "plain JAX (lax.conv)", "PyTorch eag
 """Rows (or row prefixes) that compute the exact loss gradient; their FLOP rate is reported."""
 TORCH_PEERS = ("PyTorch eager", "BioTorch fa", "BioTorch dfa")
 LOCAL_RULES = ("hsic", "gim")
+LOCAL_WORKLOAD = "W1"
+"""Workload on which the local rules at ``local_batch`` and the empirical NTK are timed."""
 """Rules also measured at ``Settings.local_batch``, their usual batch size."""
 LOCAL_VARIANTS = {"hsic (plain estimator)": ("hsic", {"estimator": "plain"})}
 """Extra rows of the batch-256 measurement: row name -> (rule, hyperparameters). HSIC's
@@ -806,10 +808,7 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
     if settings.local_batch <= 0:
         return {**result, "skipped": {"all": "not measured (--local-batch 0)"}}
     if not present:
-        return {**result, "skipped": {
-            name: "not registered" if name not in rules.names() else "not selected by --rules"
-            for name in LOCAL_RULES
-        }}
+        return {**result, "skipped": {name: _absence_reason(name) for name in LOCAL_RULES}}
     network = workload.build()
     params = draw_params(network)
     batch = workloads.first_batch(x, y, settings.local_batch)
@@ -832,10 +831,13 @@ def local_rules(workload: Workload, settings: Settings, x, y, log) -> dict[str, 
         row["ratio_to_bp"] = None if reference is None else _pair(row, reference)
     for name in LOCAL_RULES:
         if name not in present:
-            skipped[name] = (
-                "not registered" if name not in rules.names() else "not selected by --rules"
-            )
+            skipped[name] = _absence_reason(name)
     return {"batch_size": settings.local_batch, "rows": rows, "skipped": skipped}
+
+
+def _absence_reason(name: str) -> str:
+    """Return why rule ``name`` was not timed: not registered, or left out by ``--rules``."""
+    return "not registered" if name not in rules.names() else "not selected by --rules"
 
 
 def ntk_times(workload: Workload, settings: Settings, x, log) -> dict[str, Any]:
@@ -900,7 +902,7 @@ def run(
     """Run every measurement of ``settings``; return the results as a JSON-ready dict.
 
     ``results``, when given, is filled in place as each measurement finishes, so that a
-    caller still holds the finished ones if the run is interrupted or fails.
+    caller keeps the finished ones if the run is interrupted or fails.
     """
     results = {} if results is None else results
     results.update({
@@ -914,8 +916,8 @@ def run(
     results["matmul"] = matmul_rate(settings.matmul_size)
     results["workloads"] = {}
     for name in settings.workloads:
-        entry = results["workloads"].setdefault(name, {})
-        run_workload(workloads.get(name), settings, log, entry)
+        results["workloads"][name] = {}
+        run_workload(workloads.get(name), settings, log, results["workloads"][name])
     results["load_average_end"] = load_average()
     results["targets"] = evaluate_targets(results)
     return results
@@ -937,7 +939,7 @@ def run_workload(workload: Workload, settings: Settings, log, entry=None) -> dic
     })
     entry["steps"] = step_times(workload, settings, batch, log)
     entry.update(seeds_and_epoch(workload, settings, x, y, log))
-    if workload.name == "W1":
+    if workload.name == LOCAL_WORKLOAD:
         entry["local_rules"] = local_rules(workload, settings, x, y, log)
         entry["ntk"] = ntk_times(workload, settings, x, log)
     entry["load_average_end"] = load_average()
@@ -991,15 +993,15 @@ def evaluate_targets(results: dict) -> list[dict]:
         steps = entry["steps"]
         targets += _step_targets(name, steps["rows"], steps["skipped"], results["matmul"])
         targets.append(_seeds_target(name, entry))
-        if name == "W1":
+        if name == LOCAL_WORKLOAD:
             targets += _local_targets(entry.get("local_rules") or {})
             targets.append(_ntk_target(entry.get("ntk") or {}))
     return targets
 
 
 def _ntk_target(ntk) -> dict:
-    """Build the target on the fastest empirical NTK method, or say why it is missing."""
-    examples = ntk.get("examples", 64)
+    """Build the target on the fastest empirical NTK method, or give the reason it is missing."""
+    examples = ntk.get("examples", Settings().ntk_examples)
     name = f"W1: empirical NTK of {examples} inputs ({examples} x {examples} kernel)"
     if not ntk.get("rows"):
         return _target(name, None, 30.0, "ms", note=ntk.get("skipped", "not measured"))
@@ -1097,22 +1099,24 @@ def _peer_note(skipped: dict[str, str], name: str) -> str:
 
 def _local_targets(local) -> list[dict]:
     """Build the targets of the local rules at ``local["batch_size"]`` against bp."""
+    batch_size = local.get("batch_size") or Settings().local_batch
+
+    def target(name, measured, note=""):
+        return _target(f"{LOCAL_WORKLOAD}: {name} / bp at batch {batch_size}", measured, 2.0,
+                       "x", note=note)
+
     if not local.get("batch_size"):
-        return [_target(f"W1: {name} / bp at batch {Settings().local_batch}", None, 2.0, "x",
-                        note="not measured (--local-batch 0)") for name in LOCAL_RULES]
+        return [target(name, None, "not measured (--local-batch 0)") for name in LOCAL_RULES]
+
     targets = []
     for row in local["rows"]:
         if row["name"] in LOCAL_RULES:
-            targets.append(_target(f"W1: {row['name']} / bp at batch {local['batch_size']}",
-                                   row["ratio_to_bp"], 2.0, "x"))
+            targets.append(target(row["name"], row["ratio_to_bp"]))
         elif row["name"] in LOCAL_VARIANTS:
-            targets.append(_target(f"W1: {row['name']} / bp at batch {local['batch_size']}",
-                                   row["ratio_to_bp"], 2.0, "x",
-                                   note="not the registered default"))
+            targets.append(target(row["name"], row["ratio_to_bp"], "not the registered default"))
     for name, reason in local.get("skipped", {}).items():
         if name in LOCAL_RULES:
-            targets.append(_target(f"W1: {name} / bp at batch {local['batch_size']}", None, 2.0,
-                                   "x", note=reason))
+            targets.append(target(name, None, reason))
     return targets
 
 
@@ -1172,8 +1176,8 @@ MAX_BENCH_SEEDS = 16
 """Largest ``--seeds``: the seeds measurement also runs them under ``vmap``, where every
 seed's activations are live at once (the arrays of one W2 backprop step sum to 260 MiB)."""
 MAX_ES_POPULATION = 4096
-"""Largest ``--es-population``: ES at 256 held 137 MiB of buffers on W2, 16 times more at
-this cap."""
+"""Largest ``--es-population``. ES at 256 used 137 MiB of XLA buffers on W2, and an
+estimated 16 times that (2.2 GiB) at this cap, if memory grows with the population."""
 SMALL_MATMUL = 1024
 """Matmul side below which the measured rate understates the machine's."""
 
@@ -1338,10 +1342,10 @@ def existing_notes(path: Path) -> str:
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
-    """``<out>.md`` and ``<out>.json``.
+    """Return the paths ``<out>.md`` and ``<out>.json``.
 
     The suffixes are appended, so that ``--out runs/bench.1`` and ``--out runs/bench.2``
-    write different files; an ``--out`` that already ends in ``.md`` or ``.json`` drops it.
+    write different files. An ``--out`` that already ends in ``.md`` or ``.json`` drops it.
     """
     out = Path(out)
     if out.suffix in (".md", ".json"):
@@ -1463,8 +1467,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         )
     if args.es_population > MAX_ES_POPULATION:
         raise ValueError(
-            f"--es-population must be at most {MAX_ES_POPULATION} (ES holds one perturbation "
-            f"of every parameter per member; 256 is the population of the evosax "
+            f"--es-population must be at most {MAX_ES_POPULATION} (ES keeps one perturbation "
+            "of every parameter per member, and 256 is the population of the evosax "
             f"comparison), got {args.es_population}"
         )
     if args.es_population < 2 or args.es_population % 2:
@@ -1545,13 +1549,13 @@ def check_training_sets(settings: Settings) -> None:
         workload = workloads.get(name)
         x, _, _ = workloads.training_data(workload, settings.data_dir)
         check_batch_size(workload, settings.batch_size or workload.batch_size, x.shape[0])
-        if name != "W1":
+        if name != LOCAL_WORKLOAD:
             continue
         for option, value in (("--local-batch", settings.local_batch),
                               ("--ntk-examples", settings.ntk_examples)):
             if value > x.shape[0]:
                 raise ValueError(
-                    f"{option} {value} is more than W1's {x.shape[0]} training examples; "
+                    f"{option} {value} is more than {name}'s {x.shape[0]} training examples; "
                     f"use at most {x.shape[0]}, or 0 to skip that measurement"
                 )
 
@@ -1610,9 +1614,10 @@ def main(
               file=sys.stderr)
         return INTERRUPTED
     except Exception as error:  # noqa: BLE001 - keep what was measured, then report
-        rescue = _rescue(results, command.strip(), stopped=_failure(error))
-        print(f"{parser.prog}: error: {_failure(error)}; the measurements finished so far are "
-              f"in {rescue}", file=sys.stderr)
+        failure = _failure(error)
+        rescue = _rescue(results, command.strip(), stopped=failure)
+        print(f"{parser.prog}: error: {failure}; the measurements finished so far are in "
+              f"{rescue}", file=sys.stderr)
         return 1
     try:
         md_path, json_path = write_results(results, Path(args.out), command.strip())
@@ -1629,7 +1634,7 @@ def main(
 def _rescue(results: dict, command: str, stopped: str | None = None) -> Path:
     """Write ``results`` as JSON to a new file in the system's temporary folder.
 
-    ``stopped`` says why a run ended early; it is recorded as ``"stopped"``.
+    ``stopped``, the reason a run ended early, is recorded under the key ``"stopped"``.
     """
     handle, path = tempfile.mkstemp(prefix="bpalt-bench-", suffix=".json")
     record = {**results, "command": command}

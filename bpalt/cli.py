@@ -261,8 +261,7 @@ def entry() -> None:
     """Run ``main`` as the ``bpalt`` console script and exit with its status.
 
     After an interrupt the process ends through ``argtypes.exit_process``, which skips the
-    interpreter's teardown; ``results.jsonl`` and the checkpoints are already synced to disk
-    by then.
+    interpreter's teardown. ``results.jsonl`` and the checkpoints are synced to disk before.
     """
     exit_process(main())
 

@@ -219,18 +219,22 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
         if parameter.default is inspect.Parameter.empty and key not in model
     ]
     if missing:
-        raise ValueError(
-            f"model {name!r} needs the [model] setting(s) {', '.join(missing)} in the config "
-            f"file (the arguments of bpalt.models.{name}), e.g. hidden = [256, 128]"
-            if missing == ["hidden"] else
+        message = (
             f"model {name!r} needs the [model] setting(s) {', '.join(missing)} in the config "
             f"file (the arguments of bpalt.models.{name})"
         )
-    given = {key: value for key, value in comparison.model.items() if key != "name"}
+        if missing == ["hidden"]:
+            message += ", e.g. hidden = [256, 128]"
+        raise ValueError(message)
+
+    user_settings = {key: value for key, value in comparison.model.items() if key != "name"}
     try:
         return models.MODELS[name](**model)
     except (TypeError, ValueError) as error:
-        settings = f"[model] settings {given}" if given else "default [model] settings"
+        if user_settings:
+            settings = f"[model] settings {user_settings}"
+        else:
+            settings = "default [model] settings"
         raise ValueError(
             f"model {name!r} with {settings} does not build for input shape "
             f"{model['input_shape']}: {error}"

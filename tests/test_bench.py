@@ -272,7 +272,7 @@ def test_help_states_defaults(capsys):
     assert "writes OUT.md and OUT.json (default benchmarks)" in text
 
 
-def test_script_help_states_its_own_default_out(capsys):
+def test_script_help_shows_default_out():
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench.py")
     result = subprocess.run(
         [sys.executable, script, "--help"], capture_output=True, text=True, timeout=120
@@ -419,7 +419,7 @@ def test_repeated_names_measured_once():
     assert settings.rules == ("bp", "fa")
 
 
-def test_every_target_listed_when_parts_are_skipped():
+def test_targets_listed_when_parts_skipped():
     entry = {"steps": {"rows": [_timed_row("jax.grad + optax", 1.0), _timed_row("bp", 1.0)],
                        "skipped": {}},
              "seeds": [], "skipped": {},
@@ -513,7 +513,7 @@ def test_stopped_run_keeps_finished_measurements(tmp_path, monkeypatch, capsys, 
      (["--ntk-examples", "5000"], "--ntk-examples 5000 is more than W1's 1437 training "
       "examples")],
 )
-def test_oversized_measurements_rejected_before_timing(tmp_path, capsys, argv, message):
+def test_oversized_options_rejected_early(tmp_path, capsys, argv, message):
     assert bench.main([*argv, "--workloads", "W1", "--out", str(tmp_path / "b")]) == 2
 
     assert message in capsys.readouterr().err
@@ -529,7 +529,7 @@ def test_blank_out_rejected(capsys, out):
     )
 
 
-def test_interrupt_before_timing_is_one_line(tmp_path, monkeypatch, capsys):
+def test_early_interrupt_is_one_line(tmp_path, monkeypatch, capsys):
     def interrupt(settings):
         raise KeyboardInterrupt
 

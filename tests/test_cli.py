@@ -453,7 +453,7 @@ def test_model_list_given_as_string(tmp_path, capsys):
     assert "[model] channels must be a list of integers, got '16'" in capsys.readouterr().err
 
 
-def test_model_without_required_setting_names_it(tmp_path, capsys):
+def test_model_missing_setting_named(tmp_path, capsys):
     status = _compare_with_config(tmp_path, '[model]\nname = "mlp"\n')
 
     assert status == 2
@@ -463,7 +463,7 @@ def test_model_without_required_setting_names_it(tmp_path, capsys):
     )
 
 
-def test_model_setting_out_of_range_names_the_setting(tmp_path, capsys):
+def test_model_setting_out_of_range(tmp_path, capsys):
     status = _compare_with_config(tmp_path, '[model]\nname = "digits_cnn"\nchannels = [0]\n')
 
     assert status == 2

@@ -303,8 +303,10 @@ def test_idx_implausible_sizes(tmp_path):
     # 16 header bytes plus (2**32 - 1)**3 data bytes, which overflows int64.
     message = str(info.value)
     sizes = "(4294967295, 4294967295, 4294967295)"
-    assert f"images: damaged header, because its dimension sizes {sizes} imply a file of " \
-        f"{16 + (2**32 - 1) ** 3} bytes" in message
+    assert (
+        f"images: damaged header, because its dimension sizes {sizes} imply a file of "
+        f"{16 + (2**32 - 1) ** 3} bytes"
+    ) in message
     assert "79228162458924105385300197391 bytes" in message
     assert "but the file has 16 bytes. Replace the file with an intact copy" in message
 
@@ -412,7 +414,7 @@ def test_cifar10_file_path_is_a_folder(tmp_path):
 @pytest.mark.parametrize("blank", ["", " "])
 @pytest.mark.parametrize("name", ["mnist", "kmnist_t10k", "cifar10"])
 def test_blank_data_dir(tmp_path, monkeypatch, name, blank):
-    # The current folder holds a complete dataset, which an empty string must not load.
+    # The current folder contains a complete dataset, which a blank string must not load.
     write_idx_dataset(tmp_path)
     write_cifar_dataset(tmp_path)
     monkeypatch.chdir(tmp_path)
