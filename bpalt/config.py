@@ -30,10 +30,12 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import optax
 
 if sys.version_info >= (3, 11):
@@ -228,17 +230,55 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
         raise ValueError(message)
 
     user_settings = {key: value for key, value in comparison.model.items() if key != "name"}
+    if user_settings:
+        settings = f"[model] settings {user_settings}"
+    else:
+        settings = "default [model] settings"
     try:
-        return models.MODELS[name](**model)
+        network = models.MODELS[name](**model)
     except (TypeError, ValueError) as error:
-        if user_settings:
-            settings = f"[model] settings {user_settings}"
-        else:
-            settings = "default [model] settings"
         raise ValueError(
             f"model {name!r} with {settings} does not build for input shape "
             f"{model['input_shape']}: {error}"
         ) from None
+    _check_fits_memory(network, len(comparison.seeds), f"model {name!r} with {settings}")
+    return network
+
+
+TRAINING_COPIES = 4
+"""float32 copies of the params that training holds per seed: the params, their grads and
+Adam's two moments."""
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_fits_memory(network, seeds: int, described: str) -> None:
+    """Raise ``ValueError`` if ``TRAINING_COPIES`` float32 copies of the params for each of
+    ``seeds`` runs exceed physical memory.
+
+    This is a lower bound for Adam (activations come on top) and an overestimate for plain
+    SGD. The count comes from the params' shapes, traced without allocating them, so a
+    width typed with extra zeros fails here at once instead of stalling in allocation.
+    """
+    memory = physical_memory_bytes()
+    if memory is None:
+        return
+    shapes = jax.eval_shape(network.init, jax.random.key(0))
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    needed = count * 4 * TRAINING_COPIES * seeds
+    if needed > memory:
+        raise ValueError(
+            f"{described} has {count:,} parameters; training {seeds} seed(s) holds about "
+            f"{needed / 2**30:,.1f} GiB of them (params, grads and two optimizer moments in "
+            f"float32), more than this machine's {memory / 2**30:,.1f} GiB of memory. "
+            "Use smaller widths or fewer seeds"
+        )
 
 
 def with_baselines(rule_names) -> tuple[str, ...]:

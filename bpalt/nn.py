@@ -52,6 +52,11 @@ class Layer(NamedTuple):
     feedback_apply: Callable[[Params, Params, jax.Array], jax.Array]
 
 
+def _is_count(value) -> bool:
+    """Whether ``value`` is a positive integer; ``True`` and ``False`` are not."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _parameter_free(fn: Callable[[jax.Array], jax.Array], shape_fn=None) -> Layer:
     """Build a layer with no params (``()``) from an elementwise or shape function."""
 
@@ -142,7 +147,7 @@ def dense(
     Shapes: ``x`` (batch, in), ``w`` (in, features), ``b`` (features,), ``y`` (batch,
     features). Flatten images with ``flatten`` first.
     """
-    if not isinstance(features, int) or features < 1:
+    if not _is_count(features):
         raise ValueError(f"dense features must be a positive integer, got {features!r}")
     w_init, b_init = initializers.get(w_init), initializers.get(b_init)
 
@@ -342,12 +347,15 @@ def conv2d(
             ``"xla"`` (``lax.conv_general_dilated``). Both compute the same function and
             support forward and reverse mode.
     """
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    if not isinstance(features, int) or features < 1:
+    kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    if not _is_count(features):
         raise ValueError(f"conv2d features must be a positive integer, got {features!r}")
-    if kh < 1 or kw < 1:
-        raise ValueError(f"conv2d kernel_size must be positive, got {kernel_size!r}")
-    if not isinstance(stride, int) or stride < 1:
+    if not (isinstance(kernel, (tuple, list)) and len(kernel) == 2 and all(map(_is_count, kernel))):
+        raise ValueError(
+            f"conv2d kernel_size must be a positive integer or a pair of them, got {kernel_size!r}"
+        )
+    kh, kw = kernel
+    if not _is_count(stride):
         raise ValueError(f"conv2d stride must be a positive integer, got {stride!r}")
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"conv2d padding must be 'SAME' or 'VALID', got {padding!r}")
@@ -389,9 +397,9 @@ def conv2d(
 
 def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
     stride = window if stride is None else stride
-    if not isinstance(window, int) or window < 1:
+    if not _is_count(window):
         raise ValueError(f"pool window must be a positive integer, got {window!r}")
-    if not isinstance(stride, int) or stride < 1:
+    if not _is_count(stride):
         raise ValueError(f"pool stride must be a positive integer, got {stride!r}")
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"pool padding must be 'SAME' or 'VALID', got {padding!r}")

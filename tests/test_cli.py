@@ -474,6 +474,27 @@ def test_model_setting_out_of_range(tmp_path, capsys):
     )
 
 
+def test_model_width_true_rejected(tmp_path, capsys):
+    status = _compare_with_config(tmp_path, '[model]\nname = "mlp"\nhidden = [true]\n')
+
+    assert status == 2
+    assert "dense features must be a positive integer, got True" in capsys.readouterr().err
+
+
+def test_model_too_large_for_memory_rejected(tmp_path, capsys):
+    # 64 x 10^11 + 10^11 x 10 weights: far beyond any machine's memory. Only the shapes are
+    # traced, so this fails at once instead of stalling in allocation.
+    status = _compare_with_config(
+        tmp_path, '[model]\nname = "mlp"\nhidden = [100000000000]\n'
+    )
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "has 7,500,000,000,010 parameters; training 3 seed(s) holds about" in error
+    assert "Use smaller widths or fewer seeds" in error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 class _Exit(Exception):
     pass
 

@@ -201,3 +201,18 @@ def test_get_accepts_loss_name(network, params, batches):
 def test_network_that_is_not_a_network_rejected(network):
     with pytest.raises(TypeError, match=r"network must be a bpalt.nn.Network, got"):
         rules.get("bp", network)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_direct_constructor_rejects_non_network(name):
+    with pytest.raises(TypeError, match=r"network must be a bpalt.nn.Network, got str"):
+        rules.constructor(name)("digits_cnn")
+
+
+def test_direct_constructor_resolves_loss_name(network, params, batches):
+    rule = rules.backprop(network, "mse")
+    _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)
+    expected = losses.mean_squared_error(network.apply(params, batches[0][0]), batches[0][1])
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        rules.feedback_alignment(network, "hinge")

@@ -6,6 +6,7 @@ the loss and the rule's hyperparameters as keyword arguments and returns an ``Up
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -45,15 +46,53 @@ def register(
         raise ValueError(f"unknown training setting(s) {unknown}; accepted: {TRAINING_KEYS}")
 
     def decorate(constructor):
-        if name in _REGISTRY and _REGISTRY[name] is not constructor:
+        registered = _REGISTRY.get(name)
+        if registered is not None and _unchecked(registered) is not _unchecked(constructor):
             raise ValueError(f"a rule named {name!r} is already registered")
-        _REGISTRY[name] = constructor
+        checked = _checked(constructor)
+        _REGISTRY[name] = checked
         _TRAINING[name] = training
         if evaluator is not None:
             _EVALUATORS[name] = evaluator
-        return constructor
+        return checked
 
     return decorate
+
+
+def check_network(network) -> None:
+    """Raise ``TypeError`` unless ``network`` is a ``bpalt.nn.Network``."""
+    if not isinstance(network, Network):
+        raise TypeError(
+            f"network must be a bpalt.nn.Network, got {type(network).__name__} {network!r:.60}; "
+            "build one with bpalt.models (e.g. models.digits_cnn()) or bpalt.nn.Network"
+        )
+
+
+def _checked(constructor: Callable[..., UpdateRule]) -> Callable[..., UpdateRule]:
+    """Wrap a rule constructor so that a direct call checks the network and the loss.
+
+    ``rules.feedback_alignment(network, loss)`` then fails at once on a wrong network or an
+    unknown loss name, with the message that ``get`` gives, instead of later with an error
+    about a missing attribute. The
+    wrapper keeps the constructor's signature, so ``hyperparameters`` reads it unchanged.
+    """
+    if getattr(constructor, "_checked_rule", False):
+        return constructor
+
+    @functools.wraps(constructor)
+    def build(network, loss=None, **hyperparameters):
+        check_network(network)
+        if loss is None:
+            return constructor(network, **hyperparameters)
+        return constructor(network, losses.get(loss), **hyperparameters)
+
+    build._checked_rule = True
+    return build
+
+
+def _unchecked(constructor: Callable[..., UpdateRule]) -> Callable[..., UpdateRule]:
+    """The constructor that ``_checked`` wrapped, or ``constructor`` itself."""
+    return constructor.__wrapped__ if getattr(constructor, "_checked_rule", False) else constructor
 
 
 def training_defaults(name: str) -> dict[str, object]:
@@ -92,11 +131,7 @@ def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs
         TypeError: if ``network`` is not a ``bpalt.nn.Network``.
     """
     build = constructor(name)
-    if not isinstance(network, Network):
-        raise TypeError(
-            f"network must be a bpalt.nn.Network, got {type(network).__name__} {network!r:.60}; "
-            "build one with bpalt.models (e.g. models.digits_cnn()) or bpalt.nn.Network"
-        )
+    check_network(network)
     accepted = hyperparameters(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
