@@ -29,23 +29,37 @@ def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
         )
 
 
+def _is_class(labels: jax.Array, classes: int) -> jax.Array:
+    """Return whether each integer label names a class in ``0 .. classes - 1``."""
+    return (labels >= 0) & (labels < classes)
+
+
 def _targets_like(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """One-hot encode integer labels; pass targets of the logits' shape through."""
+    """One-hot encode integer labels; pass targets of the logits' shape through.
+
+    A label outside ``0 .. classes - 1`` gets a row of NaN, so the loss turns NaN instead
+    of silently treating that example as belonging to no class.
+    """
     _check_labels(logits, labels)
     if labels.shape == logits.shape:
         return labels.astype(logits.dtype)
-    return jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, classes, dtype=logits.dtype)
+    return jnp.where(_is_class(labels, classes)[..., None], targets, jnp.nan)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over the batch of ``-sum_c y_c log softmax(logits)_c``.
 
     Shapes: ``logits`` (batch, classes); ``labels`` (batch,) integers or (batch, classes)
-    one-hot or probabilities.
+    one-hot or probabilities. An integer label outside ``0 .. classes - 1`` makes the loss
+    NaN (a check that raises cannot run inside ``jit``).
     """
     _check_labels(logits, labels)
     if labels.ndim == logits.ndim - 1 and jnp.issubdtype(labels.dtype, jnp.integer):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        valid = _is_class(labels, logits.shape[-1])
+        return jnp.where(valid, per_example, jnp.nan).mean()
     targets = _targets_like(logits, labels)
     return optax.softmax_cross_entropy(logits, targets).mean()
 
@@ -56,7 +70,8 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Written from logits as ``max(z, 0) - z y + log(1 + exp(-|z|))``, which equals
     ``-y log sigmoid(z) - (1 - y) log(1 - sigmoid(z))`` and stays finite for any ``|z|``.
     Integer class labels are one-hot encoded, so a multi-class output is treated as
-    independent sigmoid units (as in Akrout et al. 2019, arXiv:1904.05391).
+    independent sigmoid units (as in Akrout et al. 2019, arXiv:1904.05391); one outside
+    ``0 .. classes - 1`` makes the loss NaN.
     """
     targets = _targets_like(logits, labels)
     losses = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
@@ -64,7 +79,8 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def mean_squared_error(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``0.5 * mean over the batch of ||outputs - targets||^2``; integer labels become one-hot.
+    """``0.5 * mean over the batch of ||outputs - targets||^2``; integer labels become one-hot
+    (one outside ``0 .. classes - 1`` makes the loss NaN).
 
     The factor 1/2 makes the gradient with respect to the outputs ``(outputs - targets) /
     batch``, the convention of the NTK gradient-flow formulas.

@@ -115,3 +115,23 @@ def test_labels_of_another_shape_rejected(loss, shape):
 
     with pytest.raises(ValueError, match=rf"labels of shape \({shape[0]},"):
         loss(logits, labels)
+
+
+@pytest.mark.parametrize(
+    "loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy, losses.mean_squared_error]
+)
+@pytest.mark.parametrize("bad_label", [4, -1, 100])
+def test_label_outside_classes_gives_nan(loss, bad_label):
+    labels = LABELS.copy()
+    labels[2] = bad_label
+
+    assert np.isnan(float(loss(LOGITS, labels)))
+    # The same examples with valid labels keep their finite value.
+    assert np.isfinite(float(loss(LOGITS, LABELS)))
+
+
+@pytest.mark.parametrize(
+    "loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy, losses.mean_squared_error]
+)
+def test_valid_integer_labels_equal_one_hot_targets(loss):
+    np.testing.assert_allclose(loss(LOGITS, LABELS), loss(LOGITS, ONE_HOT), rtol=1e-6)
