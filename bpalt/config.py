@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 if sys.version_info >= (3, 11):
@@ -43,7 +44,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from bpalt import data, losses, models, rules
+from bpalt import data, losses, models, rules, train
 
 GLOBAL_TRAINING = {"epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3}
 OPTIMIZERS = {
@@ -241,7 +242,12 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
             f"model {name!r} with {settings} does not build for input shape "
             f"{model['input_shape']}: {error}"
         ) from None
-    _check_fits_memory(network, len(comparison.seeds), f"model {name!r} with {settings}")
+    batch_size = max(
+        (run.batch_size for run in comparison.runs()), default=GLOBAL_TRAINING["batch_size"]
+    )
+    _check_fits_memory(
+        network, len(comparison.seeds), batch_size, f"model {name!r} with {settings}"
+    )
     return network
 
 
@@ -258,26 +264,36 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-def _check_fits_memory(network, seeds: int, described: str) -> None:
-    """Raise ``ValueError`` if ``TRAINING_COPIES`` float32 copies of the params for each of
-    ``seeds`` runs exceed physical memory.
+def _check_fits_memory(network, seeds: int, batch_size: int, described: str) -> None:
+    """Raise ``ValueError`` if training ``seeds`` runs of ``network`` cannot fit in memory.
 
-    This is a lower bound for Adam (activations come on top) and an overestimate for plain
-    SGD. The count comes from the params' shapes, traced without allocating them, so a
-    width typed with extra zeros fails here at once instead of stalling in allocation.
+    The estimate counts ``TRAINING_COPIES`` float32 copies of the params (Adam's count;
+    plain SGD keeps two fewer) and the largest array of a forward pass. That array counts
+    twice at ``batch_size`` (it and its gradient), or once at ``train.EVALUATION_CHUNK``
+    examples, whichever is larger. XLA needs more than this in practice. Sizes come from
+    shapes traced without allocating anything, so a width typed with extra zeros fails
+    here at once instead of stalling in allocation or failing inside the first step.
     """
     memory = physical_memory_bytes()
     if memory is None:
         return
     shapes = jax.eval_shape(network.init, jax.random.key(0))
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
-    needed = count * 4 * TRAINING_COPIES * seeds
+
+    def largest_activation(batch: int) -> int:
+        x = jax.ShapeDtypeStruct((batch, *network.input_shape), jnp.float32)
+        return train.largest_array_bytes(network.apply, shapes, x)
+
+    in_training = largest_activation(batch_size)
+    activations = max(2 * in_training, largest_activation(train.EVALUATION_CHUNK))
+    needed = seeds * (count * 4 * TRAINING_COPIES + activations)
     if needed > memory:
         raise ValueError(
-            f"{described} has {count:,} parameters; training {seeds} seed(s) holds about "
-            f"{needed / 2**30:,.1f} GiB of them (params, grads and two optimizer moments in "
-            f"float32), more than this machine's {memory / 2**30:,.1f} GiB of memory. "
-            "Use smaller widths or fewer seeds"
+            f"{described} has {count:,} parameters and a largest activation of "
+            f"{in_training / 2**30:,.2f} GiB at batch {batch_size}; training {seeds} "
+            f"seed(s) needs about {needed / 2**30:,.1f} GiB at once, more than this "
+            f"machine's {memory / 2**30:,.1f} GiB of memory. Use smaller widths, a smaller "
+            "batch or fewer seeds"
         )
 
 

@@ -435,11 +435,18 @@ def compare(
         try:
             rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
         except ValueError as error:
+            # A baseline runs without being asked for: name the rule that brought it.
+            beside = [
+                rule for rule, baseline in config.BASELINES.items()
+                if baseline == spec.rule and rule in comparison.rules
+            ]
+            if beside:
+                error = f"{error} ({spec.rule} runs as the baseline of {', '.join(beside)})"
             # Hyperparameters come from the config's [rule.NAME] table, so the message names
             # that table, as the errors about its training keys do.
-            if not spec.hyperparameters:
-                raise
-            raise ValueError(f"[rule.{spec.rule}]: {error}") from None
+            if spec.hyperparameters:
+                error = f"[rule.{spec.rule}]: {error}"
+            raise ValueError(str(error)) from None
         if spec.batch_size > dataset.x_train.shape[0]:
             raise ValueError(
                 f"batch size {spec.batch_size} of rule {spec.rule!r} is larger than the "

@@ -101,6 +101,11 @@ def get(name: str | Loss) -> Loss:
     """Return the loss called ``name`` (``cross_entropy``, ``binary_cross_entropy``, ``mse``)."""
     if callable(name):
         return name
+    if not isinstance(name, str):
+        raise ValueError(
+            f"loss must be a name ({', '.join(sorted(LOSSES))}) or a callable "
+            f"loss(logits, labels), got {name!r}"
+        )
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; accepted: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]

@@ -53,8 +53,8 @@ class Layer(NamedTuple):
 
 
 def _is_count(value) -> bool:
-    """Whether ``value`` is a positive integer; ``True`` and ``False`` are not."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """Return whether ``value`` is a positive integer (NumPy's included, ``True`` not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _parameter_free(fn: Callable[[jax.Array], jax.Array], shape_fn=None) -> Layer:

@@ -151,20 +151,27 @@ def intermediate_bytes(fn: Callable, *args) -> int:
     ``args`` may be ``jax.ShapeDtypeStruct``s. Arrays inside nested jaxprs (jit, custom
     derivatives, loops) count too, each once per appearance in the trace.
     """
+    return sum(_array_bytes(jax.make_jaxpr(fn)(*args).jaxpr))
 
-    def walk(jaxpr) -> int:
-        total = 0
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                aval = var.aval
-                if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                    total += math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 4)
-            for value in eqn.params.values():
-                for sub in _jaxprs_in(value):
-                    total += walk(sub)
-        return total
 
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+def largest_array_bytes(fn: Callable, *args) -> int:
+    """Return the size in bytes of the largest array that tracing ``fn(*args)`` creates.
+
+    Nothing is computed or allocated; ``args`` may be ``jax.ShapeDtypeStruct``s.
+    """
+    return max(_array_bytes(jax.make_jaxpr(fn)(*args).jaxpr), default=0)
+
+
+def _array_bytes(jaxpr):
+    """Yield the size in bytes of every array that ``jaxpr`` and its nested jaxprs create."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                yield math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 4)
+        for value in eqn.params.values():
+            for sub in _jaxprs_in(value):
+                yield from _array_bytes(sub)
 
 
 def _jaxprs_in(value):
@@ -286,7 +293,11 @@ def run_epoch(
     return state, means
 
 
-def make_evaluate(rule: UpdateRule, loss, chunk_size: int = 1024):
+EVALUATION_CHUNK = 1024
+"""Examples that ``make_evaluate`` passes through the network at once, for every seed."""
+
+
+def make_evaluate(rule: UpdateRule, loss, chunk_size: int = EVALUATION_CHUNK):
     """Return a jitted ``(state, x, y) -> (accuracy, loss)``, each of shape (seeds,)."""
 
     def one_seed(state, x, y):

@@ -490,9 +490,31 @@ def test_model_too_large_for_memory_rejected(tmp_path, capsys):
 
     assert status == 2
     error = capsys.readouterr().err
-    assert "has 7,500,000,000,010 parameters; training 3 seed(s) holds about" in error
-    assert "Use smaller widths or fewer seeds" in error
+    assert "has 7,500,000,000,010 parameters and a largest activation of" in error
+    assert "Use smaller widths, a smaller batch or fewer seeds" in error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_with_activations_too_large_rejected(tmp_path, capsys):
+    # Few parameters, but the second layer's patch matrix at batch 64 is
+    # 64 x 4 x 4 x (9 x 400000) floats: 13.73 GiB, held with its gradient by 3 seeds.
+    status = _compare_with_config(
+        tmp_path, '[model]\nname = "digits_cnn"\nchannels = [400000, 1]\n'
+    )
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "has 7,600,051 parameters and a largest activation of 13.73 GiB at batch 64" in error
+
+
+def test_baseline_failure_names_the_rule_that_brought_it(tmp_path, capsys):
+    # The default rules list random_features, the baseline of hsic and gim, before them.
+    status = _compare_with_config(tmp_path, '[model]\nname = "mlp"\nhidden = []\n')
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "rule 'random_features' needs a network of at least 2 blocks" in error
+    assert "(random_features runs as the baseline of hsic, gim)" in error
 
 
 class _Exit(Exception):

@@ -135,3 +135,9 @@ def test_label_outside_classes_gives_nan(loss, bad_label):
 )
 def test_valid_integer_labels_equal_one_hot_targets(loss):
     np.testing.assert_allclose(loss(LOGITS, LABELS), loss(LOGITS, ONE_HOT), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [["mse"], 3, None])
+def test_get_neither_name_nor_callable_raises(value):
+    with pytest.raises(ValueError, match=r"loss must be a name .* or a callable"):
+        losses.get(value)

@@ -560,6 +560,13 @@ def test_bad_arguments_raise(build, message):
         build()
 
 
+def test_numpy_integer_sizes_accepted():
+    shape, params = nn.dense(np.int64(5)).init(KEY, (3,))
+    assert shape == (5,) and params["w"].shape == (3, 5)
+    shape, params = nn.conv2d(np.int32(4), (np.int64(3), 2)).init(KEY, (8, 8, 1))
+    assert shape == (8, 8, 4) and params["w"].shape == (3, 2, 1, 4)
+
+
 def test_dense_on_image_raises():
     with pytest.raises(ValueError, match=r"dense expects a flat input.*\(8, 8, 1\).*flatten"):
         nn.dense(3).init(KEY, (8, 8, 1))

@@ -209,6 +209,12 @@ def test_direct_constructor_rejects_non_network(name):
         rules.constructor(name)("digits_cnn")
 
 
+def test_direct_constructor_rejects_unknown_hyperparameter(network):
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) bogus for rule 'fa'; "
+                       r"accepted: feedback_init, feedback_scale"):
+        rules.feedback_alignment(network, bogus=1)
+
+
 def test_direct_constructor_resolves_loss_name(network, params, batches):
     rule = rules.backprop(network, "mse")
     _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)

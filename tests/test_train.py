@@ -192,6 +192,18 @@ def test_intermediate_bytes_closed_form():
     assert train.intermediate_bytes(fn, a, b) == 3 * 1000 * 300 * 4 + 3 * 300 * 4
 
 
+def test_largest_array_bytes_closed_form():
+    def fn(a, b):
+        outer = jax.jit(lambda a, b: jnp.outer(a, b))(a, b)
+        return outer.sum() + jnp.tile(a, 5).sum()
+
+    a = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    b = jax.ShapeDtypeStruct((300,), jnp.float32)
+    # The (1000, 300) product, created inside a nested jit, beats the 5000-element tile.
+    assert train.largest_array_bytes(fn, a, b) == 1000 * 300 * 4
+    assert train.largest_array_bytes(lambda a, b: a, a, b) == 0
+
+
 def test_auto_seed_loop_follows_created_bytes(fa_rule, optimizer, seeds_state, data):
     x, y = data
 

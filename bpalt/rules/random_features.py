@@ -27,7 +27,8 @@ def check_has_hidden_block(network: Network, rule: str) -> None:
     if network.num_blocks < 2:
         raise ValueError(
             f"rule {rule!r} needs a network of at least 2 blocks (hidden blocks, then an "
-            f"output block used as the read-out), got {network.num_blocks}"
+            f"output block used as the read-out), got {network.num_blocks}; use a model with "
+            "at least one hidden layer"
         )
 
 

@@ -49,7 +49,7 @@ def register(
         registered = _REGISTRY.get(name)
         if registered is not None and _unchecked(registered) is not _unchecked(constructor):
             raise ValueError(f"a rule named {name!r} is already registered")
-        checked = _checked(constructor)
+        checked = _checked(constructor, name)
         _REGISTRY[name] = checked
         _TRAINING[name] = training
         if evaluator is not None:
@@ -68,20 +68,37 @@ def check_network(network) -> None:
         )
 
 
-def _checked(constructor: Callable[..., UpdateRule]) -> Callable[..., UpdateRule]:
-    """Wrap a rule constructor so that a direct call checks the network and the loss.
+def _keyword_hyperparameters(constructor: Callable[..., UpdateRule]) -> dict[str, object]:
+    """Return the keyword-only parameters of ``constructor`` and their defaults."""
+    return {
+        key: parameter.default
+        for key, parameter in inspect.signature(constructor).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
-    ``rules.feedback_alignment(network, loss)`` then fails at once on a wrong network or an
-    unknown loss name, with the message that ``get`` gives, instead of later with an error
-    about a missing attribute. The
-    wrapper keeps the constructor's signature, so ``hyperparameters`` reads it unchanged.
+
+def _checked(constructor: Callable[..., UpdateRule], name: str) -> Callable[..., UpdateRule]:
+    """Wrap a rule constructor so that a direct call checks its arguments as ``get`` does.
+
+    ``rules.feedback_alignment(network, loss, **hyperparameters)`` then fails at once on a
+    wrong network, an unknown loss name or an unknown hyperparameter, with a message that
+    names the accepted values, instead of later with an error about a missing attribute.
+    The wrapper keeps the constructor's signature, so ``hyperparameters`` reads it
+    unchanged.
     """
     if getattr(constructor, "_checked_rule", False):
         return constructor
+    accepted = _keyword_hyperparameters(constructor)
 
     @functools.wraps(constructor)
     def build(network, loss=None, **hyperparameters):
         check_network(network)
+        unknown = sorted(set(hyperparameters) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameter(s) {', '.join(unknown)} for rule {name!r}; "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
         if loss is None:
             return constructor(network, **hyperparameters)
         return constructor(network, losses.get(loss), **hyperparameters)
@@ -115,12 +132,7 @@ def constructor(name: str) -> Callable[..., UpdateRule]:
 
 def hyperparameters(name: str) -> dict[str, object]:
     """Keyword hyperparameters of rule ``name`` and their defaults."""
-    signature = inspect.signature(constructor(name))
-    return {
-        key: parameter.default
-        for key, parameter in signature.parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return _keyword_hyperparameters(constructor(name))
 
 
 def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs) -> UpdateRule:
@@ -130,16 +142,7 @@ def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs
         ValueError: for an unknown rule name or hyperparameter, naming the accepted ones.
         TypeError: if ``network`` is not a ``bpalt.nn.Network``.
     """
-    build = constructor(name)
-    check_network(network)
-    accepted = hyperparameters(name)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {', '.join(unknown)} for rule {name!r}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-        )
-    return build(network, losses.get(loss), **kwargs)
+    return constructor(name)(network, losses.get(loss), **kwargs)
 
 
 def held_out_evaluator(
