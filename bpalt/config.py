@@ -27,6 +27,7 @@ A TOML file looks like::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -242,58 +243,91 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
             f"model {name!r} with {settings} does not build for input shape "
             f"{model['input_shape']}: {error}"
         ) from None
-    batch_size = max(
-        (run.batch_size for run in comparison.runs()), default=GLOBAL_TRAINING["batch_size"]
-    )
     _check_fits_memory(
-        network, len(comparison.seeds), batch_size, f"model {name!r} with {settings}"
+        network, comparison.runs(), len(comparison.seeds), f"model {name!r} with {settings}"
     )
     return network
 
 
-TRAINING_COPIES = 4
-"""float32 copies of the params that training holds per seed: the params, their grads and
-Adam's two moments."""
+OPTIMIZER_MOMENTS = {"adam": 2, "adamw": 2, "sgd": 0, "momentum": 1, "rmsprop": 1}
+"""Arrays the size of the params that each optimizer keeps per seed, besides the params
+and their grads."""
 
 
-def physical_memory_bytes() -> int | None:
-    """This machine's physical memory in bytes, or ``None`` where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+"""Files that hold a Linux control group's memory limit (cgroup v2, then v1)."""
 
 
-def _check_fits_memory(network, seeds: int, batch_size: int, described: str) -> None:
-    """Raise ``ValueError`` if training ``seeds`` runs of ``network`` cannot fit in memory.
+def memory_limit() -> tuple[int, str] | None:
+    """Return the memory this process may use in bytes, and where that limit comes from.
 
-    The estimate counts ``TRAINING_COPIES`` float32 copies of the params (Adam's count;
-    plain SGD keeps two fewer) and the largest array of a forward pass. That array counts
-    twice at ``batch_size`` (it and its gradient), or once at ``train.EVALUATION_CHUNK``
-    examples, whichever is larger. XLA needs more than this in practice. Sizes come from
-    shapes traced without allocating anything, so a width typed with extra zeros fails
-    here at once instead of stalling in allocation or failing inside the first step.
+    The smallest of physical memory, the address-space limit (``ulimit -v``) and the
+    control group's limit; ``None`` where none of them can be read.
     """
-    memory = physical_memory_bytes()
-    if memory is None:
+    limits = []
+    try:
+        limits.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft, "address-space limit (ulimit -v)"))
+    except (ImportError, OSError, ValueError):
+        pass
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            limits.append((int(text), "control group's memory limit"))
+        break
+    return min(limits) if limits else None
+
+
+def _check_fits_memory(network, runs, seeds: int, described: str) -> None:
+    """Raise ``ValueError`` if one of ``runs`` cannot fit in memory with ``seeds`` seeds.
+
+    The estimate is a lower bound per seed. It counts the params, their grads and the
+    optimizer's moments (``OPTIMIZER_MOMENTS``) in float32, plus the largest array of a
+    forward pass. That array counts twice at the run's batch size (it and its gradient),
+    or once at ``train.EVALUATION_CHUNK`` examples, whichever is larger. XLA needs more
+    than this in practice. Sizes come from shapes traced without allocating anything, so
+    a width typed with extra zeros fails here at once instead of stalling in allocation
+    or failing inside the first step.
+    """
+    limit = memory_limit()
+    if limit is None or not runs:
         return
+    memory, source = limit
     shapes = jax.eval_shape(network.init, jax.random.key(0))
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
+    @functools.cache
     def largest_activation(batch: int) -> int:
+        # Chunks are traced one at a time, but all of them stay alive for the backward pass.
         x = jax.ShapeDtypeStruct((batch, *network.input_shape), jnp.float32)
-        return train.largest_array_bytes(network.apply, shapes, x)
+        return network.chunks_for(batch) * train.largest_array_bytes(network.apply, shapes, x)
 
-    in_training = largest_activation(batch_size)
-    activations = max(2 * in_training, largest_activation(train.EVALUATION_CHUNK))
-    needed = seeds * (count * 4 * TRAINING_COPIES + activations)
-    if needed > memory:
+    def needed(run) -> int:
+        copies = 2 + OPTIMIZER_MOMENTS.get(run.optimizer, 0)
+        activations = max(
+            2 * largest_activation(run.batch_size), largest_activation(train.EVALUATION_CHUNK)
+        )
+        return seeds * (count * 4 * copies + activations)
+
+    run = max(runs, key=needed)
+    if needed(run) > memory:
         raise ValueError(
             f"{described} has {count:,} parameters and a largest activation of "
-            f"{in_training / 2**30:,.2f} GiB at batch {batch_size}; training {seeds} "
-            f"seed(s) needs about {needed / 2**30:,.1f} GiB at once, more than this "
-            f"machine's {memory / 2**30:,.1f} GiB of memory. Use smaller widths, a smaller "
-            "batch or fewer seeds"
+            f"{largest_activation(run.batch_size) / 2**30:,.2f} GiB at batch "
+            f"{run.batch_size}; training {seeds} seed(s) of rule {run.rule!r} with "
+            f"{run.optimizer} needs at least {needed(run) / 2**30:,.1f} GiB at once, more "
+            f"than the {memory / 2**30:,.1f} GiB of this process's {source}. Use smaller "
+            "widths, a smaller batch or fewer seeds"
         )
 
 

@@ -419,6 +419,14 @@ def compare(
 
     out = Path(out)
     dataset = load_dataset(comparison)
+    specs = comparison.runs()
+    for spec in specs:
+        # Checked before the network is built: its memory check reads the batch sizes.
+        if spec.batch_size > dataset.x_train.shape[0]:
+            raise ValueError(
+                f"batch size {spec.batch_size} of rule {spec.rule!r} is larger than the "
+                f"training set ({dataset.x_train.shape[0]} examples); choose a smaller one"
+            )
     network = config.build_network(comparison, dataset.input_shape, dataset.num_classes)
     data.check_input_shape(dataset, network.input_shape)
     if network.output_shape != (dataset.num_classes,):
@@ -428,10 +436,9 @@ def compare(
             f"outputs shape {network.output_shape}; remove num_classes from [model] or set "
             f"it to {dataset.num_classes}"
         )
-    specs = comparison.runs()
     for spec in specs:
-        # Build every rule first, so that a bad hyperparameter or batch size is reported
-        # before anything trains.
+        # Build every rule first, so that a bad hyperparameter is reported before anything
+        # trains.
         try:
             rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
         except ValueError as error:
@@ -447,11 +454,6 @@ def compare(
             if spec.hyperparameters:
                 error = f"[rule.{spec.rule}]: {error}"
             raise ValueError(str(error)) from None
-        if spec.batch_size > dataset.x_train.shape[0]:
-            raise ValueError(
-                f"batch size {spec.batch_size} of rule {spec.rule!r} is larger than the "
-                f"training set ({dataset.x_train.shape[0]} examples); choose a smaller one"
-            )
     prepare_output(out, comparison.to_json())
     if command:
         checkpoint.write_atomic(out / "command.txt", command + "\n")

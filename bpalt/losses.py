@@ -7,6 +7,7 @@ logits' shape. A rule receives its loss as such a function.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -30,12 +31,19 @@ def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
 
 
 def _is_class(labels: jax.Array, classes: int) -> jax.Array:
-    """Return whether each integer label names a class in ``0 .. classes - 1``."""
-    return (labels >= 0) & (labels < classes)
+    """Return whether each label names a class in ``0 .. classes - 1``.
+
+    The upper bound is clipped to the labels' dtype, so that 256 classes with ``uint8``
+    labels do not overflow. Floating labels must also be whole numbers.
+    """
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        highest = min(classes - 1, int(jnp.iinfo(labels.dtype).max))
+        return (labels >= 0) & (labels <= highest)
+    return (labels >= 0) & (labels <= classes - 1) & (labels == jnp.floor(labels))
 
 
 def _targets_like(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """One-hot encode integer labels; pass targets of the logits' shape through.
+    """One-hot encode class labels; pass targets of the logits' shape through.
 
     A label outside ``0 .. classes - 1`` gets a row of NaN, so the loss turns NaN instead
     of silently treating that example as belonging to no class.
@@ -44,8 +52,12 @@ def _targets_like(logits: jax.Array, labels: jax.Array) -> jax.Array:
     if labels.shape == logits.shape:
         return labels.astype(logits.dtype)
     classes = logits.shape[-1]
+    valid = _is_class(labels, classes)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        # Whole-number floats name classes; jax.nn.one_hot wants integer indices.
+        labels = jnp.where(valid, labels, 0).astype(jnp.int32)
     targets = jax.nn.one_hot(labels, classes, dtype=logits.dtype)
-    return jnp.where(_is_class(labels, classes)[..., None], targets, jnp.nan)
+    return jnp.where(valid[..., None], targets, jnp.nan)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -97,9 +109,27 @@ LOSSES: dict[str, Loss] = {
 }
 
 
+def _check_loss_signature(loss: Callable) -> None:
+    """Raise ``ValueError`` if ``loss`` cannot be called as ``loss(logits, labels)``.
+
+    A callable whose signature Python cannot read (some builtins) passes unchecked.
+    """
+    try:
+        signature = inspect.signature(loss)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ValueError(
+            f"a loss is called as loss(logits, labels), but {loss!r:.80} takes {signature}"
+        ) from None
+
+
 def get(name: str | Loss) -> Loss:
     """Return the loss called ``name`` (``cross_entropy``, ``binary_cross_entropy``, ``mse``)."""
     if callable(name):
+        _check_loss_signature(name)
         return name
     if not isinstance(name, str):
         raise ValueError(

@@ -149,6 +149,8 @@ def dense(
     """
     if not _is_count(features):
         raise ValueError(f"dense features must be a positive integer, got {features!r}")
+    # A small NumPy integer type would overflow in the shape arithmetic below.
+    features = int(features)
     w_init, b_init = initializers.get(w_init), initializers.get(b_init)
 
     def init(key, input_shape):
@@ -347,18 +349,21 @@ def conv2d(
             ``"xla"`` (``lax.conv_general_dilated``). Both compute the same function and
             support forward and reverse mode.
     """
-    kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    single = isinstance(kernel_size, numbers.Integral)
+    kernel = (kernel_size, kernel_size) if single else kernel_size
     if not _is_count(features):
         raise ValueError(f"conv2d features must be a positive integer, got {features!r}")
     if not (isinstance(kernel, (tuple, list)) and len(kernel) == 2 and all(map(_is_count, kernel))):
         raise ValueError(
             f"conv2d kernel_size must be a positive integer or a pair of them, got {kernel_size!r}"
         )
-    kh, kw = kernel
+    kh, kw = (int(size) for size in kernel)
     if not _is_count(stride):
         raise ValueError(f"conv2d stride must be a positive integer, got {stride!r}")
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"conv2d padding must be 'SAME' or 'VALID', got {padding!r}")
+    # Small NumPy integer types would overflow in the shape arithmetic below.
+    features, stride = int(features), int(stride)
     if implementation not in CONV_IMPLEMENTATIONS:
         raise ValueError(
             f"conv2d implementation must be one of {sorted(CONV_IMPLEMENTATIONS)}, "
@@ -403,6 +408,8 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
         raise ValueError(f"pool stride must be a positive integer, got {stride!r}")
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"pool padding must be 'SAME' or 'VALID', got {padding!r}")
+    # Small NumPy integer types would overflow in the shape arithmetic below.
+    window, stride = int(window), int(stride)
 
     def shape_fn(input_shape):
         h, w, c = input_shape

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bpalt import argtypes, cli
+from bpalt import argtypes, cli, config
 
 
 @pytest.mark.parametrize(
@@ -244,6 +244,11 @@ def test_console_script_compare(tmp_path):
     ("arguments", "message"),
     [
         (["compare", "--rules", "bp", "--batch-size", "5000"], "batch size 5000 of rule 'bp'"),
+        # Checked before the memory estimate, which would otherwise report this batch.
+        (
+            ["compare", "--rules", "bp", "--batch-size", "100000000"],
+            "batch size 100000000 of rule 'bp' is larger than the training set",
+        ),
         (["compare", "--rules="], "rules must be a non-empty list of rule names"),
         (["compare", "--rules", "bp,,fa"], "rules must be a non-empty list of rule names"),
     ],
@@ -491,6 +496,7 @@ def test_model_too_large_for_memory_rejected(tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err
     assert "has 7,500,000,000,010 parameters and a largest activation of" in error
+    assert "training 3 seed(s) of rule " in error and "with adam needs at least" in error
     assert "Use smaller widths, a smaller batch or fewer seeds" in error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -577,3 +583,22 @@ def test_write_error_names_the_file(tmp_path, unwritable_folders):
 
     with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'summary.md'}: Permission"):
         checkpoint.write_atomic(tmp_path / "summary.md", "text")
+
+
+def test_memory_limit_reads_the_address_space_limit(monkeypatch):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2**30, resource.RLIM_INFINITY))
+    assert config.memory_limit() == (2**30, "address-space limit (ulimit -v)")
+
+
+def test_memory_check_counts_every_chunk(tmp_path, capsys):
+    # Batch 128 runs in 4 chunks of 32, and all four chunks' arrays count. The largest is the
+    # second layer's patch matrix: 128 x 4 x 4 x (9 x 100000) floats, 6.87 GiB (1.72 GiB for
+    # one chunk).
+    status = _compare_with_config(
+        tmp_path, 'batch_size = 128\n[model]\nname = "digits_cnn"\nchannels = [100000, 1]\n'
+    )
+
+    assert status == 2
+    assert "largest activation of 6.87 GiB at batch 128" in capsys.readouterr().err

@@ -231,6 +231,8 @@ def test_rule_sigma_schedule(network, batch):
         ({"chunk_size": 3}, "chunk_size must be an even integer"),
         ({"weight_decay": -1.0}, "weight_decay must be a non-negative number"),
         ({"devices": []}, "devices must name at least one device"),
+        ({"devices": "cpu"}, "devices must be a sequence of jax.Device objects"),
+        ({"devices": [1, 2]}, "devices must be a sequence of jax.Device objects"),
     ],
 )
 def test_rule_rejects_bad_arguments(network, settings, message):

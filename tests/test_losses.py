@@ -141,3 +141,34 @@ def test_valid_integer_labels_equal_one_hot_targets(loss):
 def test_get_neither_name_nor_callable_raises(value):
     with pytest.raises(ValueError, match=r"loss must be a name .* or a callable"):
         losses.get(value)
+
+
+@pytest.mark.parametrize(
+    "loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy, losses.mean_squared_error]
+)
+@pytest.mark.parametrize(
+    ("classes", "dtype"), [(256, np.uint8), (128, np.int8), (65536, np.uint16)]
+)
+def test_class_count_beyond_label_dtype_is_not_overflowed(loss, classes, dtype):
+    logits = np.zeros((3, classes), np.float32)
+    labels = np.array([0, 1, np.iinfo(dtype).max], dtype)
+    expected = loss(logits, labels.astype(np.int32))
+
+    assert np.isfinite(float(expected))
+    np.testing.assert_allclose(loss(logits, labels), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy, losses.mean_squared_error]
+)
+def test_float_labels_must_be_whole_classes(loss):
+    whole = LABELS.astype(np.float32)
+    np.testing.assert_allclose(loss(LOGITS, whole), loss(LOGITS, LABELS), rtol=1e-6)
+    whole[2] = 2.5
+    assert np.isnan(float(loss(LOGITS, whole)))
+
+
+def test_get_rejects_callable_with_wrong_arguments():
+    with pytest.raises(ValueError, match=r"a loss is called as loss\(logits, labels\), but"):
+        losses.get(lambda logits: logits.sum())
+    assert losses.get(losses.mean_squared_error) is losses.mean_squared_error

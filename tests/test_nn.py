@@ -565,6 +565,20 @@ def test_numpy_integer_sizes_accepted():
     assert shape == (5,) and params["w"].shape == (3, 5)
     shape, params = nn.conv2d(np.int32(4), (np.int64(3), 2)).init(KEY, (8, 8, 1))
     assert shape == (8, 8, 4) and params["w"].shape == (3, 2, 1, 4)
+    shape, _ = nn.conv2d(4, np.int64(3)).init(KEY, (8, 8, 1))
+    assert shape == (8, 8, 4)
+
+
+def test_small_numpy_integer_sizes_do_not_overflow():
+    # 8 x 8 x 200 = 12800 features, which a uint8 product would wrap to 0.
+    network = nn.Network(
+        [nn.serial(nn.conv2d(np.uint8(200), 3), nn.flatten, nn.dense(np.uint8(10)))], (8, 8, 1)
+    )
+    params = network.init(KEY)
+    assert params[0][2]["w"].shape == (12800, 10)
+    assert network.apply(params, jnp.ones((2, 8, 8, 1))).shape == (2, 10)
+    assert nn.max_pool(np.uint8(3), padding="SAME").init(KEY, (8, 8, 1))[0] == (3, 3, 1)
+    assert nn.conv2d(4, 3, stride=np.uint8(2)).init(KEY, (8, 8, 1))[0] == (4, 4, 4)
 
 
 def test_dense_on_image_raises():

@@ -215,6 +215,41 @@ def test_direct_constructor_rejects_unknown_hyperparameter(network):
         rules.feedback_alignment(network, bogus=1)
 
 
+def test_get_with_loss_none_uses_the_default(network, params, batches):
+    rule = rules.get("bp", network, None)
+    _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)
+    expected = losses.softmax_cross_entropy(network.apply(params, batches[0][0]), batches[0][1])
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_held_out_evaluator_checks_its_arguments(network):
+    with pytest.raises(TypeError, match="network must be a bpalt.nn.Network"):
+        rules.held_out_evaluator("bp", None)
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        rules.held_out_evaluator("bp", network, foo=1)
+
+
+def test_user_rule_with_plain_parameters_keeps_them(network, params, batches, monkeypatch):
+    from bpalt.rules import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TRAINING", dict(registry._TRAINING))
+    scales = []
+
+    @rules.register("scaled_bp_for_test")
+    def scaled_bp(network, loss=losses.softmax_cross_entropy, scale=1.0, **options):
+        scales.append((scale, options))
+        return rules.backprop(network, loss)
+
+    scaled_bp(network, "mse", 2.0)
+    scaled_bp(network, scale=3.0, extra=True)
+    rules.get("scaled_bp_for_test", network, scale=4.0)
+    assert scales == [(2.0, {}), (3.0, {"extra": True}), (4.0, {})]
+    assert rules.hyperparameters("scaled_bp_for_test") == {"scale": 1.0}
+    with pytest.raises(TypeError, match="network must be a bpalt.nn.Network"):
+        scaled_bp("network")
+
+
 def test_direct_constructor_resolves_loss_name(network, params, batches):
     rule = rules.backprop(network, "mse")
     _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)

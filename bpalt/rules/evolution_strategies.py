@@ -169,6 +169,15 @@ def _check_estimator_arguments(population, shaping, chunk_size) -> None:
 
 def population_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
     """Build a one-axis mesh over ``devices`` (default: all); return None for one device."""
+    if devices is not None and (
+        isinstance(devices, (str, bytes))
+        or not isinstance(devices, Sequence)
+        or not all(isinstance(device, jax.Device) for device in devices)
+    ):
+        raise ValueError(
+            f"devices must be a sequence of jax.Device objects (e.g. jax.devices()), got "
+            f"{devices!r}"
+        )
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one device, got an empty sequence")

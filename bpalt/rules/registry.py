@@ -69,12 +69,26 @@ def check_network(network) -> None:
 
 
 def _keyword_hyperparameters(constructor: Callable[..., UpdateRule]) -> dict[str, object]:
-    """Return the keyword-only parameters of ``constructor`` and their defaults."""
+    """Return the hyperparameters of ``constructor`` and their defaults.
+
+    These are its parameters after ``network`` and ``loss`` that can be passed by keyword.
+    The built-in rules make all of them keyword-only.
+    """
+    parameters = list(inspect.signature(constructor).parameters.values())[2:]
     return {
-        key: parameter.default
-        for key, parameter in inspect.signature(constructor).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        parameter.name: parameter.default
+        for parameter in parameters
+        if parameter.kind
+        in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
+
+
+def _takes_any_keyword(constructor: Callable[..., UpdateRule]) -> bool:
+    """Return whether ``constructor`` has a ``**kwargs`` parameter."""
+    return any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD
+        for parameter in inspect.signature(constructor).parameters.values()
+    )
 
 
 def _checked(constructor: Callable[..., UpdateRule], name: str) -> Callable[..., UpdateRule]:
@@ -89,19 +103,20 @@ def _checked(constructor: Callable[..., UpdateRule], name: str) -> Callable[...,
     if getattr(constructor, "_checked_rule", False):
         return constructor
     accepted = _keyword_hyperparameters(constructor)
+    any_keyword = _takes_any_keyword(constructor)
 
     @functools.wraps(constructor)
-    def build(network, loss=None, **hyperparameters):
+    def build(network, loss=None, *args, **hyperparameters):
         check_network(network)
         unknown = sorted(set(hyperparameters) - set(accepted))
-        if unknown:
+        if unknown and not any_keyword:
             raise ValueError(
                 f"unknown hyperparameter(s) {', '.join(unknown)} for rule {name!r}; "
                 f"accepted: {', '.join(accepted) or 'none'}"
             )
         if loss is None:
-            return constructor(network, **hyperparameters)
-        return constructor(network, losses.get(loss), **hyperparameters)
+            return constructor(network, *args, **hyperparameters)
+        return constructor(network, losses.get(loss), *args, **hyperparameters)
 
     build._checked_rule = True
     return build
@@ -142,7 +157,7 @@ def get(name: str, network: Network, loss=losses.softmax_cross_entropy, **kwargs
         ValueError: for an unknown rule name or hyperparameter, naming the accepted ones.
         TypeError: if ``network`` is not a ``bpalt.nn.Network``.
     """
-    return constructor(name)(network, losses.get(loss), **kwargs)
+    return constructor(name)(network, loss, **kwargs)
 
 
 def held_out_evaluator(
@@ -151,8 +166,8 @@ def held_out_evaluator(
     """Build rule ``name``'s held-out ``evaluate(rule_state, params, x, y) -> {name: float}``
     for one run, or return ``None`` when the rule registered none or none applies to
     ``network``. ``kwargs`` are the rule's hyperparameters, checked as by ``get``."""
+    get(name, network, loss, **kwargs)
     factory = _EVALUATORS.get(name)
     if factory is None:
         return None
-    get(name, network, loss, **kwargs)
-    return factory(network, losses.get(loss), **kwargs)
+    return factory(network, losses.get(loss or losses.softmax_cross_entropy), **kwargs)
