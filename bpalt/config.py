@@ -249,13 +249,8 @@ def build_network(comparison: Comparison, input_shape, num_classes: int):
     return network
 
 
-OPTIMIZER_MOMENTS = {"adam": 2, "adamw": 2, "sgd": 0, "momentum": 1, "rmsprop": 1}
-"""Arrays the size of the params that each optimizer keeps per seed, besides the params
-and their grads."""
-
-
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-"""Files that hold a Linux control group's memory limit (cgroup v2, then v1)."""
+"""Files that contain a Linux control group's memory limit (cgroup v2, then v1)."""
 
 
 def memory_limit() -> tuple[int, str] | None:
@@ -288,16 +283,20 @@ def memory_limit() -> tuple[int, str] | None:
     return min(limits) if limits else None
 
 
+def _tree_bytes(tree) -> int:
+    """Return the summed size in bytes of a pytree of arrays or ``ShapeDtypeStruct``s."""
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
 def _check_fits_memory(network, runs, seeds: int, described: str) -> None:
     """Raise ``ValueError`` if one of ``runs`` cannot fit in memory with ``seeds`` seeds.
 
     The estimate is a lower bound per seed. It counts the params, their grads and the
-    optimizer's moments (``OPTIMIZER_MOMENTS``) in float32, plus the largest array of a
-    forward pass. That array counts twice at the run's batch size (it and its gradient),
-    or once at ``train.EVALUATION_CHUNK`` examples, whichever is larger. XLA needs more
-    than this in practice. Sizes come from shapes traced without allocating anything, so
-    a width typed with extra zeros fails here at once instead of stalling in allocation
-    or failing inside the first step.
+    optimizer's state, plus the largest array of a forward pass. That array counts twice
+    at the run's batch size (it and its gradient), or once at ``train.EVALUATION_CHUNK``
+    examples, whichever is larger. XLA needs more than this in practice. Sizes come from
+    shapes traced without allocating anything, so a width typed with extra zeros fails
+    here at once instead of stalling in allocation or failing inside the first step.
     """
     limit = memory_limit()
     if limit is None or not runs:
@@ -313,19 +312,20 @@ def _check_fits_memory(network, runs, seeds: int, described: str) -> None:
         return network.chunks_for(batch) * train.largest_array_bytes(network.apply, shapes, x)
 
     def needed(run) -> int:
-        copies = 2 + OPTIMIZER_MOMENTS.get(run.optimizer, 0)
+        optimizer_state = jax.eval_shape(run.make_optimizer().init, shapes)
+        weights = 2 * _tree_bytes(shapes) + _tree_bytes(optimizer_state)
         activations = max(
             2 * largest_activation(run.batch_size), largest_activation(train.EVALUATION_CHUNK)
         )
-        return seeds * (count * 4 * copies + activations)
+        return seeds * (weights + activations)
 
-    run = max(runs, key=needed)
-    if needed(run) > memory:
+    need, run = max(((needed(run), run) for run in runs), key=lambda pair: pair[0])
+    if need > memory:
         raise ValueError(
             f"{described} has {count:,} parameters and a largest activation of "
             f"{largest_activation(run.batch_size) / 2**30:,.2f} GiB at batch "
             f"{run.batch_size}; training {seeds} seed(s) of rule {run.rule!r} with "
-            f"{run.optimizer} needs at least {needed(run) / 2**30:,.1f} GiB at once, more "
+            f"{run.optimizer} needs at least {need / 2**30:,.1f} GiB at once, more "
             f"than the {memory / 2**30:,.1f} GiB of this process's {source}. Use smaller "
             "widths, a smaller batch or fewer seeds"
         )

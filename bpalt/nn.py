@@ -57,6 +57,17 @@ def _is_count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
+def _count(name: str, value) -> int:
+    """Return ``value`` as a Python int, or raise ``ValueError`` unless it is a positive integer.
+
+    The conversion matters for NumPy integers: a small type such as ``uint8`` would
+    overflow in the shape arithmetic.
+    """
+    if not _is_count(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _parameter_free(fn: Callable[[jax.Array], jax.Array], shape_fn=None) -> Layer:
     """Build a layer with no params (``()``) from an elementwise or shape function."""
 
@@ -147,10 +158,7 @@ def dense(
     Shapes: ``x`` (batch, in), ``w`` (in, features), ``b`` (features,), ``y`` (batch,
     features). Flatten images with ``flatten`` first.
     """
-    if not _is_count(features):
-        raise ValueError(f"dense features must be a positive integer, got {features!r}")
-    # A small NumPy integer type would overflow in the shape arithmetic below.
-    features = int(features)
+    features = _count("dense features", features)
     w_init, b_init = initializers.get(w_init), initializers.get(b_init)
 
     def init(key, input_shape):
@@ -351,19 +359,16 @@ def conv2d(
     """
     single = isinstance(kernel_size, numbers.Integral)
     kernel = (kernel_size, kernel_size) if single else kernel_size
-    if not _is_count(features):
-        raise ValueError(f"conv2d features must be a positive integer, got {features!r}")
-    if not (isinstance(kernel, (tuple, list)) and len(kernel) == 2 and all(map(_is_count, kernel))):
+    features = _count("conv2d features", features)
+    is_pair = isinstance(kernel, (tuple, list)) and len(kernel) == 2
+    if not (is_pair and all(map(_is_count, kernel))):
         raise ValueError(
             f"conv2d kernel_size must be a positive integer or a pair of them, got {kernel_size!r}"
         )
     kh, kw = (int(size) for size in kernel)
-    if not _is_count(stride):
-        raise ValueError(f"conv2d stride must be a positive integer, got {stride!r}")
+    stride = _count("conv2d stride", stride)
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"conv2d padding must be 'SAME' or 'VALID', got {padding!r}")
-    # Small NumPy integer types would overflow in the shape arithmetic below.
-    features, stride = int(features), int(stride)
     if implementation not in CONV_IMPLEMENTATIONS:
         raise ValueError(
             f"conv2d implementation must be one of {sorted(CONV_IMPLEMENTATIONS)}, "
@@ -402,14 +407,10 @@ def conv2d(
 
 def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
     stride = window if stride is None else stride
-    if not _is_count(window):
-        raise ValueError(f"pool window must be a positive integer, got {window!r}")
-    if not _is_count(stride):
-        raise ValueError(f"pool stride must be a positive integer, got {stride!r}")
+    window = _count("pool window", window)
+    stride = _count("pool stride", stride)
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"pool padding must be 'SAME' or 'VALID', got {padding!r}")
-    # Small NumPy integer types would overflow in the shape arithmetic below.
-    window, stride = int(window), int(stride)
 
     def shape_fn(input_shape):
         h, w, c = input_shape

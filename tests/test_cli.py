@@ -479,48 +479,54 @@ def test_model_setting_out_of_range(tmp_path, capsys):
     )
 
 
-def test_model_width_true_rejected(tmp_path, capsys):
-    status = _compare_with_config(tmp_path, '[model]\nname = "mlp"\nhidden = [true]\n')
-
-    assert status == 2
-    assert "dense features must be a positive integer, got True" in capsys.readouterr().err
-
-
-def test_model_too_large_for_memory_rejected(tmp_path, capsys):
-    # 64 x 10^11 + 10^11 x 10 weights: far beyond any machine's memory. Only the shapes are
-    # traced, so this fails at once instead of stalling in allocation.
-    status = _compare_with_config(
-        tmp_path, '[model]\nname = "mlp"\nhidden = [100000000000]\n'
-    )
+@pytest.mark.parametrize(
+    ("text", "messages"),
+    [
+        (
+            '[model]\nname = "mlp"\nhidden = [true]\n',
+            ["dense features must be a positive integer, got True"],
+        ),
+        # 64 x 10^11 + 10^11 x 10 weights: far beyond any machine's memory. Only the shapes
+        # are traced, so this fails at once instead of stalling in allocation.
+        (
+            '[model]\nname = "mlp"\nhidden = [100000000000]\n',
+            [
+                "has 7,500,000,000,010 parameters and a largest activation of",
+                "training 3 seed(s) of rule ",
+                "with adam needs at least",
+                "Use smaller widths, a smaller batch or fewer seeds",
+            ],
+        ),
+        # Few parameters, but the second layer's patch matrix at batch 64 is
+        # 64 x 4 x 4 x (9 x 400000) floats: 13.73 GiB, kept with its gradient by 3 seeds.
+        (
+            '[model]\nname = "digits_cnn"\nchannels = [400000, 1]\n',
+            ["has 7,600,051 parameters and a largest activation of 13.73 GiB at batch 64"],
+        ),
+        # Batch 128 runs in 4 chunks of 32, and all four chunks' arrays count: the same patch
+        # matrix at 128 x 4 x 4 x (9 x 100000) floats is 6.87 GiB (1.72 GiB for one chunk).
+        (
+            'batch_size = 128\n[model]\nname = "digits_cnn"\nchannels = [100000, 1]\n',
+            ["largest activation of 6.87 GiB at batch 128"],
+        ),
+        # The default rules list random_features, the baseline of hsic and gim, before them.
+        (
+            '[model]\nname = "mlp"\nhidden = []\n',
+            [
+                "rule 'random_features' needs a network of at least 2 blocks",
+                "(random_features runs as the baseline of hsic, gim)",
+            ],
+        ),
+    ],
+)
+def test_model_config_rejected(tmp_path, capsys, text, messages):
+    status = _compare_with_config(tmp_path, text)
 
     assert status == 2
     error = capsys.readouterr().err
-    assert "has 7,500,000,000,010 parameters and a largest activation of" in error
-    assert "training 3 seed(s) of rule " in error and "with adam needs at least" in error
-    assert "Use smaller widths, a smaller batch or fewer seeds" in error
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_model_with_activations_too_large_rejected(tmp_path, capsys):
-    # Few parameters, but the second layer's patch matrix at batch 64 is
-    # 64 x 4 x 4 x (9 x 400000) floats: 13.73 GiB, held with its gradient by 3 seeds.
-    status = _compare_with_config(
-        tmp_path, '[model]\nname = "digits_cnn"\nchannels = [400000, 1]\n'
-    )
-
-    assert status == 2
-    error = capsys.readouterr().err
-    assert "has 7,600,051 parameters and a largest activation of 13.73 GiB at batch 64" in error
-
-
-def test_baseline_failure_names_the_rule_that_brought_it(tmp_path, capsys):
-    # The default rules list random_features, the baseline of hsic and gim, before them.
-    status = _compare_with_config(tmp_path, '[model]\nname = "mlp"\nhidden = []\n')
-
-    assert status == 2
-    error = capsys.readouterr().err
-    assert "rule 'random_features' needs a network of at least 2 blocks" in error
-    assert "(random_features runs as the baseline of hsic, gim)" in error
+    for message in messages:
+        assert message in error
+    assert not (tmp_path / "out").exists()
 
 
 class _Exit(Exception):
@@ -585,20 +591,8 @@ def test_write_error_names_the_file(tmp_path, unwritable_folders):
         checkpoint.write_atomic(tmp_path / "summary.md", "text")
 
 
-def test_memory_limit_reads_the_address_space_limit(monkeypatch):
+def test_memory_limit_reads_ulimit(monkeypatch):
     import resource
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (2**30, resource.RLIM_INFINITY))
     assert config.memory_limit() == (2**30, "address-space limit (ulimit -v)")
-
-
-def test_memory_check_counts_every_chunk(tmp_path, capsys):
-    # Batch 128 runs in 4 chunks of 32, and all four chunks' arrays count. The largest is the
-    # second layer's patch matrix: 128 x 4 x 4 x (9 x 100000) floats, 6.87 GiB (1.72 GiB for
-    # one chunk).
-    status = _compare_with_config(
-        tmp_path, 'batch_size = 128\n[model]\nname = "digits_cnn"\nchannels = [100000, 1]\n'
-    )
-
-    assert status == 2
-    assert "largest activation of 6.87 GiB at batch 128" in capsys.readouterr().err

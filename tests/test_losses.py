@@ -133,12 +133,12 @@ def test_label_outside_classes_gives_nan(loss, bad_label):
 @pytest.mark.parametrize(
     "loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy, losses.mean_squared_error]
 )
-def test_valid_integer_labels_equal_one_hot_targets(loss):
+def test_integer_labels_equal_one_hot(loss):
     np.testing.assert_allclose(loss(LOGITS, LABELS), loss(LOGITS, ONE_HOT), rtol=1e-6)
 
 
 @pytest.mark.parametrize("value", [["mse"], 3, None])
-def test_get_neither_name_nor_callable_raises(value):
+def test_get_rejects_non_loss_value(value):
     with pytest.raises(ValueError, match=r"loss must be a name .* or a callable"):
         losses.get(value)
 
@@ -149,7 +149,7 @@ def test_get_neither_name_nor_callable_raises(value):
 @pytest.mark.parametrize(
     ("classes", "dtype"), [(256, np.uint8), (128, np.int8), (65536, np.uint16)]
 )
-def test_class_count_beyond_label_dtype_is_not_overflowed(loss, classes, dtype):
+def test_small_label_dtype_no_overflow(loss, classes, dtype):
     logits = np.zeros((3, classes), np.float32)
     labels = np.array([0, 1, np.iinfo(dtype).max], dtype)
     expected = loss(logits, labels.astype(np.int32))
@@ -161,14 +161,14 @@ def test_class_count_beyond_label_dtype_is_not_overflowed(loss, classes, dtype):
 @pytest.mark.parametrize(
     "loss", [losses.softmax_cross_entropy, losses.binary_cross_entropy, losses.mean_squared_error]
 )
-def test_float_labels_must_be_whole_classes(loss):
+def test_fractional_float_label_gives_nan(loss):
     whole = LABELS.astype(np.float32)
     np.testing.assert_allclose(loss(LOGITS, whole), loss(LOGITS, LABELS), rtol=1e-6)
     whole[2] = 2.5
     assert np.isnan(float(loss(LOGITS, whole)))
 
 
-def test_get_rejects_callable_with_wrong_arguments():
+def test_get_rejects_wrong_arity_callable():
     with pytest.raises(ValueError, match=r"a loss is called as loss\(logits, labels\), but"):
         losses.get(lambda logits: logits.sum())
     assert losses.get(losses.mean_squared_error) is losses.mean_squared_error

@@ -562,14 +562,16 @@ def test_bad_arguments_raise(build, message):
 
 def test_numpy_integer_sizes_accepted():
     shape, params = nn.dense(np.int64(5)).init(KEY, (3,))
-    assert shape == (5,) and params["w"].shape == (3, 5)
+    assert shape == (5,)
+    assert params["w"].shape == (3, 5)
     shape, params = nn.conv2d(np.int32(4), (np.int64(3), 2)).init(KEY, (8, 8, 1))
-    assert shape == (8, 8, 4) and params["w"].shape == (3, 2, 1, 4)
+    assert shape == (8, 8, 4)
+    assert params["w"].shape == (3, 2, 1, 4)
     shape, _ = nn.conv2d(4, np.int64(3)).init(KEY, (8, 8, 1))
     assert shape == (8, 8, 4)
 
 
-def test_small_numpy_integer_sizes_do_not_overflow():
+def test_small_numpy_sizes_no_overflow():
     # 8 x 8 x 200 = 12800 features, which a uint8 product would wrap to 0.
     network = nn.Network(
         [nn.serial(nn.conv2d(np.uint8(200), 3), nn.flatten, nn.dense(np.uint8(10)))], (8, 8, 1)

@@ -204,32 +204,32 @@ def test_network_that_is_not_a_network_rejected(network):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_direct_constructor_rejects_non_network(name):
+def test_constructor_rejects_non_network(name):
     with pytest.raises(TypeError, match=r"network must be a bpalt.nn.Network, got str"):
         rules.constructor(name)("digits_cnn")
 
 
-def test_direct_constructor_rejects_unknown_hyperparameter(network):
+def test_constructor_rejects_unknown_hyperparameter(network):
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) bogus for rule 'fa'; "
                        r"accepted: feedback_init, feedback_scale"):
         rules.feedback_alignment(network, bogus=1)
 
 
-def test_get_with_loss_none_uses_the_default(network, params, batches):
+def test_get_loss_none_is_default(network, params, batches):
     rule = rules.get("bp", network, None)
     _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)
     expected = losses.softmax_cross_entropy(network.apply(params, batches[0][0]), batches[0][1])
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_held_out_evaluator_checks_its_arguments(network):
+def test_held_out_evaluator_checks_arguments(network):
     with pytest.raises(TypeError, match="network must be a bpalt.nn.Network"):
         rules.held_out_evaluator("bp", None)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         rules.held_out_evaluator("bp", network, foo=1)
 
 
-def test_user_rule_with_plain_parameters_keeps_them(network, params, batches, monkeypatch):
+def test_user_rule_plain_hyperparameters(network, params, batches, monkeypatch):
     from bpalt.rules import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
@@ -250,7 +250,7 @@ def test_user_rule_with_plain_parameters_keeps_them(network, params, batches, mo
         scaled_bp("network")
 
 
-def test_direct_constructor_resolves_loss_name(network, params, batches):
+def test_constructor_resolves_loss_name(network, params, batches):
     rule = rules.backprop(network, "mse")
     _, _, metrics = jax.jit(rule.update)(rule.init(None, params), params, batches[0], None)
     expected = losses.mean_squared_error(network.apply(params, batches[0][0]), batches[0][1])

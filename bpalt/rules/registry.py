@@ -123,7 +123,7 @@ def _checked(constructor: Callable[..., UpdateRule], name: str) -> Callable[...,
 
 
 def _unchecked(constructor: Callable[..., UpdateRule]) -> Callable[..., UpdateRule]:
-    """The constructor that ``_checked`` wrapped, or ``constructor`` itself."""
+    """Return the constructor that ``_checked`` wrapped, or ``constructor`` itself."""
     return constructor.__wrapped__ if getattr(constructor, "_checked_rule", False) else constructor
 
 
