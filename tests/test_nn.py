@@ -128,21 +128,55 @@ def test_conv2d(case, init_apply):
     np.testing.assert_allclose(y_patches, expected, rtol=RTOL, atol=ATOL)
 
 
-def test_conv2d_patches_gradient_equals_xla(init_apply):
+GRADIENT_CASES = [
+    # The kernel's tangent takes the row band (one input channel, stride 1, a kernel at
+    # least nn.ROW_BAND_MIN_KERNEL_WIDTH wide) in the first two cases, and transposed
+    # patches in the others.
+    ((12, 12, 1), 3, 5, 1, "VALID"),
+    ((11, 13, 1), 2, (4, 6), 1, "SAME"),
+    ((7, 6, 2), 3, 3, 2, "SAME"),
+    ((6, 6, 1), 3, 3, 1, "SAME"),
+    ((13, 12, 1), 2, (3, 5), 3, "VALID"),
+]
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=_conv_id)
+def test_conv2d_patches_derivatives_equal_xla(case, init_apply):
+    input_shape, features, kernel, stride, padding = case
     layers = [
-        nn.conv2d(3, 3, stride=2, padding="SAME", implementation=name)
+        nn.conv2d(features, kernel, stride=stride, padding=padding, implementation=name)
         for name in ("patches", "xla")
     ]
-    _, params, x, _ = init_apply(layers[0], (7, 6, 2))
+    _, params, x, _ = init_apply(layers[0], input_shape)
+    tangents = (jax.tree.map(jnp.cos, params), jnp.sin(x))
 
     def gradient(layer):
         return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))), (0, 1)))(
             params, x
         )
 
+    def forward_derivative(layer):
+        return jax.jit(jax.jvp, static_argnums=0)(layer.apply, (params, x), tangents)[1]
+
     patches_grads, xla_grads = gradient(layers[0]), gradient(layers[1])
     for patches_leaf, xla_leaf in zip(jax.tree.leaves(patches_grads), jax.tree.leaves(xla_grads)):
         np.testing.assert_allclose(patches_leaf, xla_leaf, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        forward_derivative(layers[0]), forward_derivative(layers[1]), rtol=RTOL, atol=ATOL
+    )
+
+
+@pytest.mark.parametrize("stride,channels", [(1, 1), (2, 1), (3, 2)])
+def test_row_band_convolution_equals_xla(stride, channels):
+    # The layer uses the row band only at stride 1 with one channel; the formula is general.
+    x = _uniform(0, (2, 13, 12, channels))
+    w = _uniform(1, (3, 5, channels, 4))
+    expected = lax.conv_general_dilated(
+        x, w, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    out_h, out_w = expected.shape[1:3]
+    y = jax.jit(nn._conv_by_row_band, static_argnums=(2, 3, 4))(x, w, stride, out_h, out_w)
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_dense(init_apply):
