@@ -179,6 +179,54 @@ def test_row_band_convolution_equals_xla(stride, channels):
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_conv2d_low_precision_derivatives_keep_dtype(dtype, kernel, init_apply):
+    layer = nn.conv2d(4, kernel, padding="VALID")
+    _, params, x, _ = init_apply(layer, (12, 12, 1))
+    low_params, low_x = jax.tree.map(lambda a: a.astype(dtype), (params, x))
+
+    def total(p, x):
+        return jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
+
+    grads = jax.jit(jax.grad(total))(low_params, low_x)
+    tangent_out = jax.jit(jax.jvp, static_argnums=0)(
+        lambda p: layer.apply(p, low_x), (low_params,), (low_params,)
+    )[1]
+    expected = jax.jit(jax.grad(total))(params, x)
+    assert grads["w"].dtype == dtype and tangent_out.dtype == dtype
+    np.testing.assert_allclose(
+        grads["w"].astype(np.float32),
+        expected["w"],
+        rtol=0.05,
+        atol=0.05 * np.abs(expected["w"]).max(),
+    )
+
+
+@pytest.mark.parametrize("width", [24, 64])
+def test_row_band_only_on_narrow_inputs(width):
+    kernel = (5, 5, 1, 8)
+    assert nn._uses_row_band(width, kernel, 1) == (width <= nn.ROW_BAND_MAX_WIDTH_RATIO * 5)
+    assert not nn._uses_row_band(width, (5, 5, 2, 8), 1)
+    assert not nn._uses_row_band(width, (5, 5, 1, 8), 2)
+    assert not nn._uses_row_band(width, (3, 3, 1, 8), 1)
+
+
+@pytest.mark.parametrize("implementation", ["patches", "xla"])
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((2, 9, 9, 3), r"in_channels=1, but the input \(2, 9, 9, 3\) has 3 channels"),
+        ((2, 81), r"batch of images .*\(2, 81\)"),
+    ],
+)
+def test_conv2d_apply_rejects_other_input(implementation, shape, message):
+    layer = nn.conv2d(3, 5, padding="VALID", implementation=implementation)
+    _, params = layer.init(KEY, (9, 9, 1))
+    with pytest.raises(ValueError, match=message):
+        layer.apply(params, jnp.ones(shape))
+
+
 def test_dense(init_apply):
     output_shape, params, x, y = init_apply(nn.dense(5), (7,))
     expected = np.asarray(x, np.float64) @ np.asarray(params["w"]) + np.asarray(params["b"])
