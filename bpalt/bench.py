@@ -1429,8 +1429,8 @@ def build_parser(default_out: str = "benchmarks") -> argparse.ArgumentParser:
     parser.add_argument("--epoch-steps", type=int,
                         help="cap the steps of each timed epoch (default: the whole set)")
     parser.add_argument("--out", default=default_out,
-                        help="output path without suffix: writes OUT.md and OUT.json "
-                        f"(default {default_out})")
+                        help="output path without suffix: writes OUT.md and OUT.json, "
+                        f"creating missing folders (default {default_out})")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 

@@ -126,6 +126,10 @@ def _comparison(args, rule_names):
     return config.make_comparison(file_settings, overrides, source=args.config)
 
 
+TABLE_WIDTH_OFF_TERMINAL = 160
+"""Columns of the printed comparison table when standard output is not a terminal."""
+
+
 def _print_table(rows) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -145,7 +149,12 @@ def _print_table(rows) -> None:
         )
     for row in cells:
         table.add_row(*row)
-    Console().print(table)
+
+    # Off a terminal (a pipe or a log file) rich assumes 80 columns and cuts the headers.
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=TABLE_WIDTH_OFF_TERMINAL)
+    console.print(table)
 
 
 def _run(args, rule_names) -> int:
