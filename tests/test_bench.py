@@ -269,7 +269,7 @@ def test_help_states_defaults(capsys):
     assert ("timed epochs of the training-loop measurement, after one untimed epoch "
             "(default 2; 0 skips it)") in text
     assert "rules of the seeds measurement (default: those of --rules;" in text
-    assert "writes OUT.md and OUT.json (default benchmarks)" in text
+    assert "writes OUT.md and OUT.json, creating missing folders (default benchmarks)" in text
 
 
 def test_script_help_shows_default_out():
@@ -281,7 +281,7 @@ def test_script_help_shows_default_out():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     expected = os.path.join("experiments", "results", "benchmarks")
-    assert "writes OUT.md and OUT.json (default " in text
+    assert "writes OUT.md and OUT.json, creating missing folders (default " in text
     assert f"{expected})" in text
 
 
