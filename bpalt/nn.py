@@ -204,7 +204,7 @@ def _check_input(x, w) -> None:
     if x.shape[-1] != w.shape[2]:
         raise ValueError(
             f"conv2d kernel {tuple(w.shape)} has in_channels={w.shape[2]}, but the input "
-            f"{tuple(x.shape)} has {x.shape[-1]} channels; initialise the layer with the "
+            f"{tuple(x.shape)} has {x.shape[-1]} channels. Initialise the layer with the "
             "input's shape"
         )
 
@@ -304,7 +304,7 @@ def _uses_row_band(width: int, w_shape, stride: int) -> bool:
 
 
 def _column_band(width: int, out_w: int, kw: int, stride: int) -> np.ndarray:
-    """0/1 selector ``S`` (width, out_w, kw), 1 where input column = ``j * stride + b``."""
+    """Build the 0/1 selector ``S`` (width, out_w, kw), 1 where column = ``j * stride + b``."""
     selector = np.zeros((width, out_w, kw), np.float32)
     for j in range(out_w):
         selector[j * stride + np.arange(kw), j, np.arange(kw)] = 1.0
@@ -312,13 +312,14 @@ def _column_band(width: int, out_w: int, kw: int, stride: int) -> np.ndarray:
 
 
 def _conv_by_row_band(x, w, stride: int, out_h: int, out_w: int):
-    """VALID convolution as stacked input rows times a banded kernel matrix.
+    """Compute a VALID convolution as stacked input rows times a banded kernel matrix.
 
     Only the kernel's row offsets are stacked: ``rows`` (kh * width * in, n * out_h), offsets
     first. The column offsets sit in the band (kh * width * in, out_w * out), whose column
-    ``(j, o)`` holds kernel ``o`` at input columns ``j * stride`` to ``j * stride + kw - 1``
-    and zeros elsewhere. The product does ``width / kw`` times the arithmetic of patches
-    @ kernel, but copies the input ``kh`` times instead of ``kh * kw`` times.
+    ``(j, o)`` contains kernel ``o`` at input columns ``j * stride`` to
+    ``j * stride + kw - 1`` and zeros elsewhere. The product does ``width / kw`` times the
+    arithmetic of patches @ kernel, but copies the input ``kh`` times instead of
+    ``kh * kw`` times.
 
     Used for the kernel tangent of a one-channel input at stride 1: its transpose, the
     weight gradient, is the plain product ``rows @ delta`` followed by a sum along the
@@ -360,10 +361,11 @@ def _conv_valid(x, w, stride, out_h, out_w):
     XLA:CPU; all three compute the same bilinear map, so the derivatives are exact:
 
     - forward: shifted copies for one input channel, patches @ kernel otherwise;
-    - kernel tangent: transposed patches, whose transpose is the weight gradient
-      ``patches @ delta``; for one input channel, stride 1, a kernel at least
-      ``ROW_BAND_MIN_KERNEL_WIDTH`` wide and an input at most ``ROW_BAND_MAX_WIDTH_RATIO``
-      kernels wide, stacked rows times a banded kernel matrix;
+    - kernel tangent: stacked rows times a banded kernel matrix where ``_uses_row_band``
+      allows it (one input channel, stride 1, a kernel at least
+      ``ROW_BAND_MIN_KERNEL_WIDTH`` wide, an input at most ``ROW_BAND_MAX_WIDTH_RATIO``
+      kernels wide), transposed patches otherwise. The transpose of either, the weight
+      gradient, is one matrix product (the band's followed by a sum along its diagonals);
     - input tangent: patches of the tangent @ kernel, whose transpose is the input
       gradient as two stages of padded sums.
 

@@ -237,7 +237,7 @@ def test_console_script_compare(tmp_path):
     assert {r["status"] for r in records if r["epoch"] == 1} == {"finished"}
     for name in ("summary.md", "summary.tex", "curves.png", "config.json"):
         assert (out / name).exists(), name
-    # Captured output is not a terminal; the table's headers must still be whole.
+    # Captured output is not a terminal, and the table's headers must still be whole.
     assert "test accuracy (%)" in finished.stdout
     assert "cosine to backprop" in finished.stdout
 

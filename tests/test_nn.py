@@ -168,7 +168,7 @@ def test_conv2d_patches_derivatives_equal_xla(case, init_apply):
 
 @pytest.mark.parametrize("stride,channels", [(1, 1), (2, 1), (3, 2)])
 def test_row_band_convolution_equals_xla(stride, channels):
-    # The layer uses the row band only at stride 1 with one channel; the formula is general.
+    # The layer uses the row band only at stride 1 with one channel, but the formula is general.
     x = _uniform(0, (2, 13, 12, channels))
     w = _uniform(1, (3, 5, channels, 4))
     expected = lax.conv_general_dilated(
@@ -194,7 +194,8 @@ def test_conv2d_low_precision_derivatives_keep_dtype(dtype, kernel, init_apply):
         lambda p: layer.apply(p, low_x), (low_params,), (low_params,)
     )[1]
     expected = jax.jit(jax.grad(total))(params, x)
-    assert grads["w"].dtype == dtype and tangent_out.dtype == dtype
+    assert grads["w"].dtype == dtype
+    assert tangent_out.dtype == dtype
     np.testing.assert_allclose(
         grads["w"].astype(np.float32),
         expected["w"],
