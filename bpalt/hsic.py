@@ -24,6 +24,27 @@ NORMALIZED_HSIC_EPSILON = 1e-5
 """Ridge ``eps`` of ``R = K_c (K_c + eps m I)^-1``, the value in the authors' code."""
 
 
+@jax.custom_jvp
+def gram(x: jax.Array) -> jax.Array:
+    """Gram matrix ``x x^T`` of the rows of ``x``, with a derivative of one product.
+
+    The tangent ``dx x^T + x dx^T`` is formed as ``A + A^T`` with ``A = dx x^T``, so the
+    reverse pass multiplies ``x`` once by ``G + G^T``. Plain autodiff of ``x @ x.T``
+    differentiates each operand on its own: two (m, m) by (m, d) products. The rule is
+    written in differentiable operations, so higher derivatives stay exact.
+
+    Shapes: (m, d) -> (m, m).
+    """
+    return x @ x.T
+
+
+@gram.defjvp
+def _gram_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    half = dx @ x.T
+    return gram(x), half + half.T
+
+
 def squared_distances(x: jax.Array) -> jax.Array:
     """Pairwise squared Euclidean distances ``D_ij = ||x_i - x_j||^2``.
 
@@ -32,7 +53,7 @@ def squared_distances(x: jax.Array) -> jax.Array:
     """
     x = x.reshape(x.shape[0], -1)
     norms = jnp.sum(x * x, axis=1)
-    distances = norms[:, None] + norms[None, :] - 2.0 * (x @ x.T)
+    distances = norms[:, None] + norms[None, :] - 2.0 * gram(x)
 
     # Rounding in the expanded form can leave tiny negatives and a non-zero diagonal.
     distances = jnp.maximum(distances, 0.0)
@@ -59,6 +80,18 @@ def center(kernel: jax.Array) -> jax.Array:
     row_means = kernel.mean(axis=0, keepdims=True)
     column_means = kernel.mean(axis=1, keepdims=True)
     return kernel - row_means - column_means + kernel.mean()
+
+
+def center_symmetric(kernel: jax.Array) -> jax.Array:
+    """``H K H`` of a symmetric kernel, from one vector of means.
+
+    A symmetric matrix has equal row and column means, so one reduction serves both
+    sides. For a matrix that is not symmetric this differs from ``center``.
+
+    Shapes: (m, m) -> (m, m).
+    """
+    means = kernel.mean(axis=0)
+    return kernel - means[None, :] - means[:, None] + means.mean()
 
 
 def hsic(kernel_x: jax.Array, kernel_z: jax.Array) -> jax.Array:
@@ -129,15 +162,17 @@ def _schur_inverse(matrix: jax.Array) -> jax.Array:
     if n <= SPD_INVERSE_LEAF:
         return _cholesky_inverse(matrix)
 
+    # The signs ride on the slice -Q, so no product's output is negated afterwards: XLA ran
+    # each such negation as an operation of its own.
     half = n // 2
-    p, q, s = matrix[:half, :half], matrix[:half, half:], matrix[half:, half:]
+    p, negative_q, s = matrix[:half, :half], -matrix[:half, half:], matrix[half:, half:]
     p_inverse = _schur_inverse(p)
-    m = p_inverse @ q
-    complement = s - q.T @ m
+    negative_m = p_inverse @ negative_q
+    complement = s - negative_q.T @ negative_m
     complement_inverse = _schur_inverse(0.5 * (complement + complement.T))
-    off_diagonal = m @ complement_inverse
-    top_left = p_inverse + off_diagonal @ m.T
-    return jnp.block([[top_left, -off_diagonal], [-off_diagonal.T, complement_inverse]])
+    top_right = negative_m @ complement_inverse
+    top_left = p_inverse + top_right @ negative_m.T
+    return jnp.block([[top_left, top_right], [top_right.T, complement_inverse]])
 
 
 _spd_inverse = _one_matrix_at_a_time(_schur_inverse)
@@ -192,7 +227,7 @@ def normalized_kernel(kernel: jax.Array, epsilon: float = NORMALIZED_HSIC_EPSILO
     Shapes: (m, m) -> (m, m), symmetric.
     """
     m = kernel.shape[0]
-    return _ridge_ratio(center(kernel), epsilon * m)
+    return _ridge_ratio(center_symmetric(kernel), epsilon * m)
 
 
 def normalized_one_hot_kernel(

@@ -74,6 +74,43 @@ def test_gaussian_kernel_matches_numpy(pair, sigma):
     np.testing.assert_allclose(hsic.gaussian_kernel(x, sigma), numpy_kernel(x, sigma), atol=1e-6)
 
 
+def broadcast_squared_distances(x):
+    """``||x_i - x_j||^2`` from the differences themselves, without the Gram matrix."""
+    x = x.reshape(x.shape[0], -1)
+    return jnp.sum((x[:, None, :] - x[None, :, :]) ** 2, axis=-1)
+
+
+def test_squared_distances_derivatives_match_differences(pair):
+    # gram's hand-written tangent against autodiff of the differences, in reverse mode,
+    # forward mode and second order.
+    _, z = pair
+    weights = jax.random.normal(jax.random.key(5), (M, M))
+
+    def scalar(distances_fn):
+        return lambda z: jnp.sum(weights * jnp.sin(distances_fn(z)))
+
+    fast, slow = scalar(hsic.squared_distances), scalar(broadcast_squared_distances)
+    np.testing.assert_allclose(jax.grad(fast)(z), jax.grad(slow)(z), rtol=1e-4, atol=1e-4)
+
+    direction = jax.random.normal(jax.random.key(6), z.shape)
+    forward = jax.jvp(hsic.squared_distances, (z,), (direction,))[1]
+    expected = jax.jvp(broadcast_squared_distances, (z,), (direction,))[1]
+    np.testing.assert_allclose(forward, expected, rtol=1e-4, atol=1e-4)
+
+    hvp = jax.jvp(jax.grad(fast), (z,), (direction,))[1]
+    expected = jax.jvp(jax.grad(slow), (z,), (direction,))[1]
+    np.testing.assert_allclose(hvp, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_center_symmetric_equals_two_sided_centring(pair):
+    x, _ = pair
+    kernel = hsic.gaussian_kernel(x, 1.0)
+    h = np.eye(M) - np.ones((M, M)) / M
+    expected = h @ np.asarray(kernel, np.float64) @ h
+    np.testing.assert_allclose(hsic.center_symmetric(kernel), expected, atol=1e-6)
+    np.testing.assert_allclose(hsic.center(kernel), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("sigma", [0.5, 2.0])
 def test_plain_hsic_matches_numpy(pair, sigma):
     x, z = pair

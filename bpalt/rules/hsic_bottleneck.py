@@ -56,7 +56,7 @@ def make_estimator(name: str, epsilon: float = hsic.NORMALIZED_HSIC_EPSILON) -> 
     """Build the ``"plain"`` (biased HSIC) or ``"normalized"`` (``tr(R_X R_Z)``) estimator."""
     check_choice("estimator", name, ESTIMATORS)
     if name == "plain":
-        return Estimator(name, epsilon, hsic.center, hsic.hsic_from_centred)
+        return Estimator(name, epsilon, hsic.center_symmetric, hsic.hsic_from_centred)
     return Estimator(
         name,
         epsilon,
