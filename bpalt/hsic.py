@@ -222,7 +222,8 @@ def normalized_kernel(kernel: jax.Array, epsilon: float = NORMALIZED_HSIC_EPSILO
     definite matrix (``spd_inverse``); the backward pass reuses that inverse and needs only
     matrix products.
     Under ``vmap`` the inverses run one matrix at a time, which avoids a hang of batched
-    LAPACK calls in jaxlib 0.10.2 on CPU.
+    LAPACK calls in jaxlib 0.10.2 on CPU. The kernel must be symmetric, as every kernel
+    matrix is: it is centred by ``center_symmetric``.
 
     Shapes: (m, m) -> (m, m), symmetric.
     """
