@@ -53,6 +53,11 @@ class Layer(NamedTuple):
     feedback_apply: Callable[[Params, Params, jax.Array], jax.Array]
 
 
+MAX_SIZE = 2**63 - 1
+"""Largest layer size or window accepted: XLA stores array dimensions as signed 64-bit
+integers."""
+
+
 def _is_count(value) -> bool:
     """Return whether ``value`` is a positive integer (NumPy's included, ``True`` not)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
@@ -66,6 +71,11 @@ def _count(name: str, value) -> int:
     """
     if not _is_count(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_SIZE:
+        raise ValueError(
+            f"{name} must be at most 2**63 - 1, the largest array dimension XLA holds, "
+            f"got {value!r}"
+        )
     return int(value)
 
 
@@ -446,7 +456,7 @@ def conv2d(
     kernel = (kernel_size, kernel_size) if single else kernel_size
     features = _count("conv2d features", features)
     is_pair = isinstance(kernel, (tuple, list)) and len(kernel) == 2
-    if not (is_pair and all(map(_is_count, kernel))):
+    if not (is_pair and all(_is_count(k) and k <= MAX_SIZE for k in kernel)):
         raise ValueError(
             f"conv2d kernel_size must be a positive integer or a pair of them, got {kernel_size!r}"
         )

@@ -613,6 +613,12 @@ def test_from_flax_block_in_network(draw_params):
         (lambda: nn.dense(2.5), "dense features must be a positive integer, got 2.5"),
         (lambda: nn.conv2d(0), "conv2d features must be a positive integer, got 0"),
         (lambda: nn.dense(True), "dense features must be a positive integer, got True"),
+        (
+            lambda: nn.dense(2**64),
+            r"dense features must be at most 2\*\*63 - 1, .* got 18446744073709551616",
+        ),
+        (lambda: nn.conv2d(4, (3, 2**63)), r"kernel_size must be .* pair of them, got \(3, 9"),
+        (lambda: nn.max_pool(2**63), r"pool window must be at most 2\*\*63 - 1"),
         (lambda: nn.conv2d(4, 0), "conv2d kernel_size must be a positive integer or a pair"),
         (lambda: nn.conv2d(4, (3, 0)), r"kernel_size must be .* pair of them, got \(3, 0\)"),
         (lambda: nn.conv2d(4, (3, 3, 3)), r"kernel_size must be .* pair of them, got \(3, 3, 3\)"),
