@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -11,8 +12,13 @@ import pytest
 
 from bpalt import data
 
-# Real MNIST test set outside the repository. Tests that need it skip when it is absent.
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+# Real MNIST test set outside the repository: the folder named by BPALT_MNIST_DIR, else
+# shared/data/mnist beside the clone. Tests that need it skip when it is absent.
+MNIST_DIR = Path(
+    os.environ.get(
+        "BPALT_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    )
+)
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -592,7 +598,10 @@ def test_check_input_shape_match_and_mismatch(digits):
 def require_real_mnist() -> Path:
     if not all((MNIST_DIR / f"{IDX_FILES[key]}.gz").is_file()
                for key in ("test_images", "test_labels")):
-        pytest.skip(f"real MNIST t10k files not found in {MNIST_DIR}")
+        pytest.skip(
+            f"real MNIST t10k files not found in {MNIST_DIR}; set BPALT_MNIST_DIR to the "
+            "folder that holds t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+        )
     return MNIST_DIR
 
 
