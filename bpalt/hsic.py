@@ -110,8 +110,24 @@ def hsic_from_centred(centred_x: jax.Array, centred_z: jax.Array) -> jax.Array:
 
     Shapes: two (m, m) matrices -> a scalar.
     """
-    m = centred_x.shape[0]
-    return jnp.sum(centred_x * centred_z) / (m - 1) ** 2
+    m = _check_batch(centred_x)
+    dtype = centred_x.dtype
+    wide = jnp.promote_types(dtype, jnp.float32)
+
+    # (m - 1)^2 passes float16's largest value (65504) from m = 257 on.
+    total = jnp.sum(centred_x.astype(wide) * centred_z.astype(wide))
+    return (total / (m - 1) ** 2).astype(dtype)
+
+
+def _check_batch(matrix: jax.Array) -> int:
+    """Return the batch size ``m`` of an (m, m) kernel, or raise ``ValueError`` below 2."""
+    m = matrix.shape[0]
+    if m < 2:
+        raise ValueError(
+            f"HSIC needs a batch of at least 2 examples, got {m}; the estimators divide by "
+            f"m - 1 and centre over the batch"
+        )
+    return m
 
 
 def _one_matrix_at_a_time(fn):
@@ -127,7 +143,9 @@ def _one_matrix_at_a_time(fn):
 
     @wrapped.def_vmap
     def _loop(axis_size, in_batched, matrix):
-        del axis_size, in_batched
+        del axis_size
+        if not in_batched[0]:
+            return wrapped(matrix), False
         return jax.lax.map(wrapped, matrix), True
 
     return wrapped
@@ -178,6 +196,7 @@ def _schur_inverse(matrix: jax.Array) -> jax.Array:
 _spd_inverse = _one_matrix_at_a_time(_schur_inverse)
 
 
+@jax.custom_jvp
 def spd_inverse(matrix: jax.Array) -> jax.Array:
     """Invert a symmetric positive definite matrix by recursive Schur complements.
 
@@ -185,34 +204,52 @@ def spd_inverse(matrix: jax.Array) -> jax.Array:
     estimator's ridge, this took 0.56 ms where a blocked Cholesky factor followed by
     ``L^-T L^-1`` took 0.95 ms, with the same largest error against a float64 inverse
     (8e-5 of the largest entry). Under ``vmap`` the matrices are
-    inverted one at a time (see ``_one_matrix_at_a_time``).
+    inverted one at a time (see ``_one_matrix_at_a_time``). Its derivative is
+    ``-A^-1 dA A^-1``, in every mode and order. LAPACK has no half-precision routines, so
+    float16 and bfloat16 matrices are inverted in float32 and the result cast back.
 
     Shapes: (m, m) -> (m, m).
     """
-    return _spd_inverse(matrix)
+    dtype = matrix.dtype
+    wide = jnp.promote_types(dtype, jnp.float32)
+    return _spd_inverse(matrix.astype(wide)).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@spd_inverse.defjvp
+def _spd_inverse_jvp(primals, tangents):
+    (matrix,), (tangent,) = primals, tangents
+    inverse = spd_inverse(matrix)
+    return inverse, -(inverse @ tangent @ inverse)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _ridge_ratio(centred: jax.Array, ridge: float) -> jax.Array:
-    """``C (C + ridge I)^-1`` for a symmetric positive semi-definite ``C``."""
-    return _ridge_ratio_fwd(centred, ridge)[0]
+    """``C (C + ridge I)^-1`` for a symmetric positive semi-definite ``C``.
+
+    With ``A = C + ridge I``, ``C A^-1 = I - ridge A^-1``: one inverse gives the value, and
+    the derivative ``ridge A^-1 dC A^-1`` needs only matrix products with it. Written as a
+    JVP, reverse mode transposes it to ``ridge A^-1 G A^-1`` and keeps ``A^-1`` from the
+    forward pass, while forward mode and higher derivatives stay available.
+    """
+    return _ridge_ratio_parts(centred, ridge)[0]
 
 
-def _ridge_ratio_fwd(centred, ridge):
-    # With A = C + ridge I, C A^-1 = I - ridge A^-1: one inverse serves the forward and
-    # the backward pass, which then needs only matrix products.
+def _ridge_ratio_parts(centred, ridge):
     identity = jnp.eye(centred.shape[0], dtype=centred.dtype)
     inverse = spd_inverse(centred + ridge * identity)
     inverse = 0.5 * (inverse + inverse.T)
     return identity - ridge * inverse, inverse
 
 
-def _ridge_ratio_bwd(ridge, inverse, cotangent):
-    # dR = ridge A^-1 dC A^-1, so the cotangent of C is ridge A^-1 G A^-1 (A symmetric).
-    return (ridge * (inverse @ cotangent @ inverse),)
+@_ridge_ratio.defjvp
+def _ridge_ratio_jvp(ridge, primals, tangents):
+    (centred,), (tangent,) = primals, tangents
+    ratio, inverse = _ridge_ratio_parts(centred, ridge)
 
-
-_ridge_ratio.defvjp(_ridge_ratio_fwd, _ridge_ratio_bwd)
+    # The inverse is exactly symmetric, so inverse.T changes no value. Written this way,
+    # reverse mode's transpose is inverse @ G @ inverse. Written as inverse @ dC @ inverse,
+    # the HSIC step at batch 256 took 5 % longer.
+    return ratio, ridge * (inverse.T @ tangent @ inverse.T)
 
 
 def normalized_kernel(kernel: jax.Array, epsilon: float = NORMALIZED_HSIC_EPSILON) -> jax.Array:
@@ -227,7 +264,14 @@ def normalized_kernel(kernel: jax.Array, epsilon: float = NORMALIZED_HSIC_EPSILO
 
     Shapes: (m, m) -> (m, m), symmetric.
     """
-    m = kernel.shape[0]
+    m = _check_batch(kernel)
+    if jnp.finfo(kernel.dtype).bits < 32:
+        # In float16 and bfloat16 the estimate for 40 Gaussian samples came out NaN.
+        raise ValueError(
+            f"the normalised HSIC estimator needs float32 or float64 kernels, got "
+            f"{kernel.dtype}, in which the estimate can come out NaN; cast the inputs to "
+            f"float32"
+        )
     return _ridge_ratio(center_symmetric(kernel), epsilon * m)
 
 

@@ -345,6 +345,84 @@ def test_spd_inverse_matches_numpy(size):
     np.testing.assert_allclose(batched[1], expected / 2.0, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("size", [5, 100])
+def test_spd_inverse_derivatives_match_closed_form(size):
+    # d(A^-1) = -A^-1 dA A^-1, in forward mode, reverse mode and under jacfwd.
+    rng = np.random.default_rng(size)
+    factor = rng.normal(size=(size, size))
+    matrix = factor @ factor.T / size + np.eye(size)
+    direction = rng.normal(size=(size, size))
+    weights = rng.normal(size=(size, size))
+    inverse = np.linalg.inv(matrix)
+    as32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+
+    tangent = jax.jvp(hsic.spd_inverse, (as32(matrix),), (as32(direction),))[1]
+    np.testing.assert_allclose(tangent, -inverse @ direction @ inverse, atol=2e-4)
+
+    grad = jax.grad(lambda a: jnp.sum(as32(weights) * hsic.spd_inverse(a)))(as32(matrix))
+    np.testing.assert_allclose(grad, -inverse.T @ weights @ inverse.T, atol=2e-4)
+
+    if size == 5:
+        jacobian = jax.jacfwd(hsic.spd_inverse)(as32(matrix))
+        expected = -np.einsum("ik,lj->ijkl", inverse, inverse)
+        np.testing.assert_allclose(jacobian, expected, atol=2e-5)
+
+
+def test_normalized_hsic_forward_mode_and_second_order(pair):
+    # The hand-written derivative of the ridge ratio against autodiff of a plain solve.
+    x, z = pair
+
+    def reference(z):
+        def ratio(k):
+            centred = hsic.center(k)
+            return jnp.linalg.solve(centred + 1e-5 * M * jnp.eye(M), centred)
+
+        return jnp.sum(ratio(hsic.gaussian_kernel(x, 1.0)) * ratio(hsic.gaussian_kernel(z, 1.0)))
+
+    def estimate(z):
+        return hsic.normalized_hsic_of(x, z, 1.0)
+
+    direction = jax.random.normal(jax.random.key(8), z.shape)
+    expected = jax.jvp(reference, (z,), (direction,))[1]
+    np.testing.assert_allclose(jax.jvp(estimate, (z,), (direction,))[1], expected, rtol=1e-3)
+
+    hvp = jax.jvp(jax.grad(estimate), (z,), (direction,))[1]
+    expected = jax.jvp(jax.grad(reference), (z,), (direction,))[1]
+    np.testing.assert_allclose(hvp, expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+
+
+def test_plain_hsic_in_float16_beyond_256_examples():
+    # (m - 1)^2 exceeds float16's largest value from m = 257; the sum runs in float32.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    z = np.tanh(x[:, :3])
+    expected = hsic.hsic_of(jnp.asarray(x), jnp.asarray(z), 2.0)
+    half = hsic.hsic_of(jnp.asarray(x, jnp.float16), jnp.asarray(z, jnp.float16), 2.0)
+    assert half.dtype == jnp.float16
+    np.testing.assert_allclose(float(half), float(expected), rtol=1e-2)
+
+
+def test_estimators_reject_a_batch_of_one(cnn, cnn_params, digits_batch):
+    x = jnp.ones((1, 4))
+    with pytest.raises(ValueError, match="at least 2 examples, got 1"):
+        hsic.hsic_of(x, x, 1.0)
+    with pytest.raises(ValueError, match="at least 2 examples, got 1"):
+        hsic.normalized_hsic_of(x, x, 1.0)
+
+    images, labels = digits_batch
+    rule = rules.get("hsic", cnn, estimator="plain")
+    state = rule.init(jax.random.key(0), cnn_params)
+    with pytest.raises(ValueError, match="at least 2 examples, got 1"):
+        rule.update(state, cnn_params, (images[:1], labels[:1]), jax.random.key(1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_normalized_hsic_rejects_half_precision(dtype):
+    x = jnp.ones((8, 3), dtype).at[0, 0].set(2)
+    with pytest.raises(ValueError, match=f"got {jnp.dtype(dtype).name}.*cast the inputs"):
+        hsic.normalized_hsic_of(x, x, 1.0)
+
+
 def test_spd_inverse_of_ridged_kernel_matches_float64():
     # The normalised estimator's matrix: a centred Gaussian kernel of a batch of 256 plus
     # the ridge eps * m, condition number near 1e5.
