@@ -458,7 +458,8 @@ def conv2d(
     is_pair = isinstance(kernel, (tuple, list)) and len(kernel) == 2
     if not (is_pair and all(_is_count(k) and k <= MAX_SIZE for k in kernel)):
         raise ValueError(
-            f"conv2d kernel_size must be a positive integer or a pair of them, got {kernel_size!r}"
+            f"conv2d kernel_size must be a positive integer or a pair of them, got "
+            f"{kernel_size!r} (each size at most 2**63 - 1)"
         )
     kh, kw = (int(size) for size in kernel)
     stride = _count("conv2d stride", stride)
@@ -515,6 +516,15 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
             raise ValueError(
                 f"pool window {window}x{window} with {padding} padding does not fit input "
                 f"{h}x{w}; use fewer pooling layers or a larger input"
+            )
+
+        # A SAME window wider than the input pads more than the input holds. XLA's
+        # derivative of such a pool aborted the process for windows of 2**30 and more.
+        if window > min(h, w):
+            raise ValueError(
+                f"pool window {window}x{window} is larger than the input {h}x{w}; use a "
+                f"window of at most {min(h, w)} (VALID padding with the input's size pools "
+                f"over all of it)"
             )
         return out_h, out_w, c
 

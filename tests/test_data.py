@@ -595,20 +595,28 @@ def test_check_input_shape_match_and_mismatch(digits):
 # ---------------------------------------------------------------------------
 
 
+def real_mnist_file(key: str) -> Path | None:
+    """The real MNIST file ``key`` in ``MNIST_DIR``, gzipped or not, or None."""
+    for name in (f"{IDX_FILES[key]}.gz", IDX_FILES[key]):
+        if (MNIST_DIR / name).is_file():
+            return MNIST_DIR / name
+    return None
+
+
 def require_real_mnist() -> Path:
-    if not all((MNIST_DIR / f"{IDX_FILES[key]}.gz").is_file()
-               for key in ("test_images", "test_labels")):
+    if real_mnist_file("test_images") is None or real_mnist_file("test_labels") is None:
         pytest.skip(
             f"real MNIST t10k files not found in {MNIST_DIR}; set BPALT_MNIST_DIR to the "
-            "folder that holds t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+            "folder that holds t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+            "(gzipped or not)"
         )
     return MNIST_DIR
 
 
 def test_real_mnist_t10k_statistics():
-    directory = require_real_mnist()
-    images = data.read_idx(directory / f"{IDX_FILES['test_images']}.gz", ndim=3)
-    labels = data.read_idx(directory / f"{IDX_FILES['test_labels']}.gz", ndim=1)
+    require_real_mnist()
+    images = data.read_idx(real_mnist_file("test_images"), ndim=3)
+    labels = data.read_idx(real_mnist_file("test_labels"), ndim=1)
 
     assert images.shape == (10_000, 28, 28)
     assert labels.shape == (10_000,)

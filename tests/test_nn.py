@@ -617,7 +617,10 @@ def test_from_flax_block_in_network(draw_params):
             lambda: nn.dense(2**64),
             r"dense features must be at most 2\*\*63 - 1, .* got 18446744073709551616",
         ),
-        (lambda: nn.conv2d(4, (3, 2**63)), r"kernel_size must be .* pair of them, got \(3, 9"),
+        (
+            lambda: nn.conv2d(4, (3, 2**63)),
+            r"pair of them, got \(3, 9\d+\) \(each size at most 2\*\*63 - 1\)",
+        ),
         (lambda: nn.max_pool(2**63), r"pool window must be at most 2\*\*63 - 1"),
         (lambda: nn.conv2d(4, 0), "conv2d kernel_size must be a positive integer or a pair"),
         (lambda: nn.conv2d(4, (3, 0)), r"kernel_size must be .* pair of them, got \(3, 0\)"),
@@ -685,6 +688,13 @@ def test_conv2d_on_flat_input_raises():
 def test_conv2d_valid_kernel_too_large_raises():
     with pytest.raises(ValueError, match="kernel 5x5 with VALID padding does not fit input 4x4"):
         nn.conv2d(3, 5, padding="VALID").init(KEY, (4, 4, 1))
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_pool_window_larger_than_input_raises(padding):
+    layer = nn.max_pool(2**40, padding=padding)
+    with pytest.raises(ValueError, match="pool window 1099511627776x1099511627776"):
+        layer.init(KEY, (8, 6, 1))
 
 
 def test_pool_on_too_small_input_raises():
