@@ -114,7 +114,7 @@ def hsic_from_centred(centred_x: jax.Array, centred_z: jax.Array) -> jax.Array:
     dtype = centred_x.dtype
     wide = jnp.promote_types(dtype, jnp.float32)
 
-    # (m - 1)^2 passes float16's largest value (65504) from m = 257 on.
+    # (m - 1)^2 exceeds float16's largest finite value (65504) from m = 257 on.
     total = jnp.sum(centred_x.astype(wide) * centred_z.astype(wide))
     return (total / (m - 1) ** 2).astype(dtype)
 
@@ -124,8 +124,8 @@ def _check_batch(matrix: jax.Array) -> int:
     m = matrix.shape[0]
     if m < 2:
         raise ValueError(
-            f"HSIC needs a batch of at least 2 examples, got {m}; the estimators divide by "
-            f"m - 1 and centre over the batch"
+            f"HSIC needs a batch of at least 2 examples, got {m}: the estimators divide by "
+            f"m - 1 and centre over the batch. Use a batch size of 2 or more"
         )
     return m
 
@@ -180,8 +180,8 @@ def _schur_inverse(matrix: jax.Array) -> jax.Array:
     if n <= SPD_INVERSE_LEAF:
         return _cholesky_inverse(matrix)
 
-    # The signs ride on the slice -Q, so no product's output is negated afterwards: XLA ran
-    # each such negation as an operation of its own.
+    # The slice -Q carries the signs, so no product's output is negated afterwards. XLA ran
+    # each such negation as a separate operation.
     half = n // 2
     p, negative_q, s = matrix[:half, :half], -matrix[:half, half:], matrix[half:, half:]
     p_inverse = _schur_inverse(p)
@@ -260,13 +260,13 @@ def normalized_kernel(kernel: jax.Array, epsilon: float = NORMALIZED_HSIC_EPSILO
     matrix products.
     Under ``vmap`` the inverses run one matrix at a time, which avoids a hang of batched
     LAPACK calls in jaxlib 0.10.2 on CPU. The kernel must be symmetric, as every kernel
-    matrix is: it is centred by ``center_symmetric``.
+    matrix is, because ``center_symmetric`` centres it.
 
     Shapes: (m, m) -> (m, m), symmetric.
     """
     m = _check_batch(kernel)
     if jnp.finfo(kernel.dtype).bits < 32:
-        # In float16 and bfloat16 the estimate for 40 Gaussian samples came out NaN.
+        # In float16 and bfloat16 the estimate for 40 Gaussian samples was NaN.
         raise ValueError(
             f"the normalised HSIC estimator needs float32 or float64 kernels, got "
             f"{kernel.dtype}, in which the estimate can come out NaN; cast the inputs to "

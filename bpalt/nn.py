@@ -73,7 +73,7 @@ def _count(name: str, value) -> int:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if value > MAX_SIZE:
         raise ValueError(
-            f"{name} must be at most 2**63 - 1, the largest array dimension XLA holds, "
+            f"{name} must be at most 2**63 - 1, the largest array dimension XLA supports, "
             f"got {value!r}"
         )
     return int(value)
@@ -518,8 +518,8 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
                 f"{h}x{w}; use fewer pooling layers or a larger input"
             )
 
-        # A SAME window wider than the input pads more than the input holds. XLA's
-        # derivative of such a pool aborted the process for windows of 2**30 and more.
+        # A SAME window wider than the input needs more padding than the input's size.
+        # XLA's derivative of such a pool aborted the process for windows of 2**30 and more.
         if window > min(h, w):
             raise ValueError(
                 f"pool window {window}x{window} is larger than the input {h}x{w}; use a "
@@ -533,6 +533,8 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
         if stride == window and (padding == "VALID" or (h % window == 0 and w % window == 0)):
             # Non-overlapping windows as a reshape: its gradient is far cheaper on CPU than
             # the select-and-scatter of reduce_window.
+            # NOTE: this path splits the gradient evenly among tied maxima, while the
+            # reduce_window path below gives it to one of them.
             oh, ow = h // window, w // window
             x = x[:, : oh * window, : ow * window].reshape(n, oh, window, ow, window, c)
             return x.max(axis=(2, 4)) if reduce == "max" else x.mean(axis=(2, 4))

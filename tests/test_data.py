@@ -596,7 +596,7 @@ def test_check_input_shape_match_and_mismatch(digits):
 
 
 def real_mnist_file(key: str) -> Path | None:
-    """The real MNIST file ``key`` in ``MNIST_DIR``, gzipped or not, or None."""
+    """Return the real MNIST file ``key`` in ``MNIST_DIR``, gzipped or not, or None."""
     for name in (f"{IDX_FILES[key]}.gz", IDX_FILES[key]):
         if (MNIST_DIR / name).is_file():
             return MNIST_DIR / name

@@ -52,7 +52,7 @@ def numpy_normalized_hsic(x, z, sigma, epsilon=1e-5):
 
 
 def solve_normalized_hsic(x, z, sigma=1.0, epsilon=1e-5):
-    """Normalised HSIC through ``jnp.linalg.solve``, differentiated by plain autodiff."""
+    """Compute normalised HSIC through ``jnp.linalg.solve``, for plain autodiff."""
 
     def ratio(kernel):
         centred = hsic.center(kernel)
@@ -87,12 +87,12 @@ def test_gaussian_kernel_matches_numpy(pair, sigma):
 
 
 def broadcast_squared_distances(x):
-    """``||x_i - x_j||^2`` from the differences themselves, without the Gram matrix."""
+    """Compute ``||x_i - x_j||^2`` from the differences themselves, without the Gram matrix."""
     x = x.reshape(x.shape[0], -1)
     return jnp.sum((x[:, None, :] - x[None, :, :]) ** 2, axis=-1)
 
 
-def test_squared_distances_derivatives_match_differences(pair):
+def test_squared_distances_derivatives(pair):
     # gram's hand-written tangent against autodiff of the differences, in reverse mode,
     # forward mode and second order.
     _, z = pair
@@ -114,7 +114,7 @@ def test_squared_distances_derivatives_match_differences(pair):
     np.testing.assert_allclose(hvp, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
-def test_center_symmetric_equals_two_sided_centring(pair):
+def test_center_symmetric_equals_center(pair):
     x, _ = pair
     kernel = hsic.gaussian_kernel(x, 1.0)
     h = np.eye(M) - np.ones((M, M)) / M
@@ -353,7 +353,7 @@ def test_spd_inverse_matches_numpy(size):
 
 
 @pytest.mark.parametrize("size", [5, 100])
-def test_spd_inverse_derivatives_match_closed_form(size):
+def test_spd_inverse_derivatives(size):
     # d(A^-1) = -A^-1 dA A^-1, in forward mode, reverse mode and under jacfwd.
     rng = np.random.default_rng(size)
     factor = rng.normal(size=(size, size))
@@ -375,7 +375,7 @@ def test_spd_inverse_derivatives_match_closed_form(size):
         np.testing.assert_allclose(jacobian, expected, atol=2e-5)
 
 
-def test_normalized_hsic_forward_mode_and_second_order(pair):
+def test_normalized_hsic_higher_derivatives(pair):
     # The hand-written derivative of the ridge ratio against autodiff of a plain solve.
     x, z = pair
 
@@ -393,8 +393,9 @@ def test_normalized_hsic_forward_mode_and_second_order(pair):
     np.testing.assert_allclose(hvp, expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
 
 
-def test_plain_hsic_in_float16_beyond_256_examples():
-    # (m - 1)^2 exceeds float16's largest value from m = 257; the sum runs in float32.
+def test_plain_hsic_float16_large_batch():
+    # (m - 1)^2 exceeds float16's largest finite value from m = 257, so the sum runs in
+    # float32.
     rng = np.random.default_rng(4)
     x = rng.normal(size=(300, 6)).astype(np.float32)
     z = np.tanh(x[:, :3])
@@ -404,7 +405,7 @@ def test_plain_hsic_in_float16_beyond_256_examples():
     np.testing.assert_allclose(float(half), float(expected), rtol=1e-2)
 
 
-def test_estimators_reject_a_batch_of_one(cnn, cnn_params, digits_batch):
+def test_estimators_reject_batch_of_one(cnn, cnn_params, digits_batch):
     x = jnp.ones((1, 4))
     with pytest.raises(ValueError, match="at least 2 examples, got 1"):
         hsic.hsic_of(x, x, 1.0)
@@ -419,7 +420,7 @@ def test_estimators_reject_a_batch_of_one(cnn, cnn_params, digits_batch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_normalized_hsic_rejects_half_precision(dtype):
+def test_normalized_rejects_half_precision(dtype):
     x = jnp.ones((8, 3), dtype).at[0, 0].set(2)
     with pytest.raises(ValueError, match=f"got {jnp.dtype(dtype).name}.*cast the inputs"):
         hsic.normalized_hsic_of(x, x, 1.0)

@@ -691,7 +691,7 @@ def test_conv2d_valid_kernel_too_large_raises():
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
-def test_pool_window_larger_than_input_raises(padding):
+def test_pool_window_wider_than_input(padding):
     layer = nn.max_pool(2**40, padding=padding)
     with pytest.raises(ValueError, match="pool window 1099511627776x1099511627776"):
         layer.init(KEY, (8, 6, 1))
