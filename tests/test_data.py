@@ -13,11 +13,14 @@ import pytest
 from bpalt import data
 
 # Real MNIST test set outside the repository: the folder named by BPALT_MNIST_DIR, else
-# shared/data/mnist beside the clone. Tests that need it skip when it is absent.
+# shared/data/mnist beside the clone. Tests that need it skip when the default folder lacks
+# the files, and fail when a folder named by BPALT_MNIST_DIR does, since a mistyped path
+# would otherwise pass unnoticed as two skips.
+MNIST_DIR_NAMED = bool(os.environ.get("BPALT_MNIST_DIR", "").strip())
 MNIST_DIR = Path(
-    os.environ.get(
-        "BPALT_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-    )
+    os.environ["BPALT_MNIST_DIR"].strip()
+    if MNIST_DIR_NAMED
+    else Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 )
 
 IDX_FILES = {
@@ -604,11 +607,19 @@ def real_mnist_file(key: str) -> Path | None:
 
 
 def require_real_mnist() -> Path:
+    """Return ``MNIST_DIR``; skip or fail (see ``MNIST_DIR``) when it lacks the t10k files."""
     if real_mnist_file("test_images") is None or real_mnist_file("test_labels") is None:
-        pytest.skip(
-            f"real MNIST t10k files not found in {MNIST_DIR}; set BPALT_MNIST_DIR to the "
-            "folder that holds t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+        wanted = (
+            "the folder that holds t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
             "(gzipped or not)"
+        )
+        if MNIST_DIR_NAMED:
+            pytest.fail(
+                f"BPALT_MNIST_DIR={str(MNIST_DIR)!r} holds no real MNIST t10k files; set it "
+                f"to {wanted}, or unset it to skip these tests"
+            )
+        pytest.skip(
+            f"real MNIST t10k files not found in {MNIST_DIR}; set BPALT_MNIST_DIR to {wanted}"
         )
     return MNIST_DIR
 
