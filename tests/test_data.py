@@ -16,9 +16,10 @@ from bpalt import data
 # shared/data/mnist beside the clone. Tests that need it skip when the default folder lacks
 # the files, and fail when a folder named by BPALT_MNIST_DIR does, since a mistyped path
 # would otherwise pass unnoticed as two skips.
+# An empty or blank value counts as unset.
 MNIST_DIR_NAMED = bool(os.environ.get("BPALT_MNIST_DIR", "").strip())
 MNIST_DIR = Path(
-    os.environ["BPALT_MNIST_DIR"].strip()
+    os.path.expanduser(os.environ["BPALT_MNIST_DIR"].strip())
     if MNIST_DIR_NAMED
     else Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 )
@@ -599,8 +600,12 @@ def test_check_input_shape_match_and_mismatch(digits):
 
 
 def real_mnist_file(key: str) -> Path | None:
-    """Return the real MNIST file ``key`` in ``MNIST_DIR``, gzipped or not, or None."""
-    for name in (f"{IDX_FILES[key]}.gz", IDX_FILES[key]):
+    """Return the real MNIST file ``key`` in ``MNIST_DIR``, or None.
+
+    The raw file comes before its ``.gz`` copy, as in ``data.load``, so that every test
+    reads the same bytes.
+    """
+    for name in (IDX_FILES[key], f"{IDX_FILES[key]}.gz"):
         if (MNIST_DIR / name).is_file():
             return MNIST_DIR / name
     return None
@@ -608,18 +613,25 @@ def real_mnist_file(key: str) -> Path | None:
 
 def require_real_mnist() -> Path:
     """Return ``MNIST_DIR``; skip or fail (see ``MNIST_DIR``) when it lacks the t10k files."""
-    if real_mnist_file("test_images") is None or real_mnist_file("test_labels") is None:
+    missing = [
+        f"{IDX_FILES[key]}[.gz]"
+        for key in ("test_images", "test_labels")
+        if real_mnist_file(key) is None
+    ]
+    if missing:
+        found = "no such folder" if not MNIST_DIR.is_dir() else f"missing {', '.join(missing)}"
         wanted = (
             "the folder that holds t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
             "(gzipped or not)"
         )
         if MNIST_DIR_NAMED:
             pytest.fail(
-                f"BPALT_MNIST_DIR={str(MNIST_DIR)!r} holds no real MNIST t10k files; set it "
-                f"to {wanted}, or unset it to skip these tests"
+                f"BPALT_MNIST_DIR={str(MNIST_DIR)!r}: {found}. Set it to {wanted}, or unset "
+                "it to skip these tests"
             )
         pytest.skip(
-            f"real MNIST t10k files not found in {MNIST_DIR}; set BPALT_MNIST_DIR to {wanted}"
+            f"real MNIST t10k files not found in {MNIST_DIR} ({found}); set BPALT_MNIST_DIR "
+            f"to {wanted}"
         )
     return MNIST_DIR
 
