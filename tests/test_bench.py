@@ -442,6 +442,18 @@ def test_targets_listed_when_parts_skipped():
     }
 
 
+def test_backprop_flops_count_the_nominal_lenet():
+    # Multiply-adds of one LeNet example: two VALID 5 x 5 convolutions and three dense layers.
+    macs = 24 * 24 * 6 * 25 + 8 * 8 * 16 * 150 + 256 * 120 + 120 * 84 + 84 * 10
+    batch = 4
+    x = jnp.zeros((batch, 28, 28, 1), jnp.float32)
+
+    flops = bench.backprop_flops(workloads.W2, (28, 28, 1), x)
+
+    nominal = 3 * 2 * macs * batch
+    assert nominal <= flops <= 1.05 * nominal
+
+
 def test_stretch_target_needs_a_large_matmul():
     bp = {**_timed_row("bp", 2.0), "flops": 2e8}
     rows = [_timed_row("jax.grad + optax", 2.0), bp, {**_timed_row(bench.MATMUL, 1.0),
