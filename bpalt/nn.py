@@ -104,7 +104,7 @@ def _parameter_free(
         return fn(x)
 
     if elementwise:
-        apply._bpalt_elementwise = fn
+        apply._bpalt_elementwise = feedback_apply._bpalt_elementwise = fn
     return Layer(init, apply, feedback_apply)
 
 
@@ -509,7 +509,7 @@ def conv2d(
         return (out_h, out_w, features), params
 
     layer = _linear_layer(linear_fn, init)
-    layer.apply._bpalt_conv = _ConvSpec(kh, kw, stride, padding, implementation)
+    _mark(layer, "_bpalt_conv", _ConvSpec(kh, kw, stride, padding, implementation))
     return layer
 
 
@@ -561,7 +561,7 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
         return summed / counts
 
     layer = _parameter_free(fn, shape_fn)
-    layer.apply._bpalt_pool = _PoolSpec(reduce, window, stride, padding)
+    _mark(layer, "_bpalt_pool", _PoolSpec(reduce, window, stride, padding))
     return layer
 
 
@@ -576,6 +576,22 @@ def avg_pool(window: int = 2, stride: int | None = None, padding: str = "VALID")
 
 
 # --- A convolution fused with its pool ------------------------------------------------------
+
+
+def _mark(layer: Layer, name: str, spec) -> None:
+    """Attach ``spec`` to both forward functions of ``layer`` as attribute ``name``."""
+    setattr(layer.apply, name, spec)
+    setattr(layer.feedback_apply, name, spec)
+
+
+def _spec(layer: Layer, name: str):
+    """Return the spec ``name`` that both forward functions of ``layer`` carry, else None.
+
+    A layer whose ``apply`` or ``feedback_apply`` was replaced (``layer._replace(...)``)
+    carries it on one of them only, so ``serial`` leaves it unfused.
+    """
+    spec = getattr(layer.apply, name, None)
+    return spec if spec is not None and getattr(layer.feedback_apply, name, None) is spec else None
 
 
 class _ConvSpec(NamedTuple):
@@ -651,6 +667,10 @@ def _conv_on_pool_grid(x, w, window: int, pooled_h: int, pooled_w: int):
     channels and ``P * P * out`` output channels, computed by ``_conv_valid``. A pool's
     window is then one axis of contiguous channels. The arithmetic grows by ``(th tw P^2) /
     (kh kw)``: 1.44 for a 5 x 5 kernel and a 2 x 2 pool.
+
+    NOTE: the grid kernel's zeros multiply input entries that an output does not depend
+    on, so an infinite input entry turns the neighbouring windows' outputs into NaN too,
+    where the layers one by one leave them finite.
     """
     kh, kw, cin, cout = w.shape
     selector = _pool_grid_selector(kh, kw, window)
@@ -666,8 +686,9 @@ def _fused_conv_pool(conv: _ConvSpec, activations: Sequence[Callable], pool: _Po
     """Build ``run(conv_params, feedback_w, x)`` for conv2d, elementwise layers and a pool.
 
     ``run`` returns what the layers return one after another. Where the pool would not take
-    its reshape path (SAME padding on a size its window does not divide), it returns None,
-    and the caller runs the layers one by one. With ``feedback_w`` the convolution's input
+    its reshape path (SAME padding on a size its window does not divide), or where the
+    convolution's output is narrower than the window, it returns None, and the caller runs
+    the layers one by one. With ``feedback_w`` the convolution's input
     gradient goes through it (``feedback_linear``).
     """
     window = pool.window
@@ -681,7 +702,8 @@ def _fused_conv_pool(conv: _ConvSpec, activations: Sequence[Callable], pool: _Po
             x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
         out_h = conv_output_size(h, conv.kh, 1, conv.padding)
         out_w = conv_output_size(wd, conv.kw, 1, conv.padding)
-        if pool.padding == "SAME" and (out_h % window or out_w % window):
+        too_small = out_h < window or out_w < window
+        if too_small or (pool.padding == "SAME" and (out_h % window or out_w % window)):
             return None
 
         def linear(x, w):
@@ -708,16 +730,16 @@ def _fusion_at(layers: Sequence[Layer], start: int):
     ``FUSED_POOL_MIN_KERNEL``, then any number of elementwise layers (``relu``, ``tanh``,
     ``sigmoid``, ``identity``), then a max or average pool whose stride equals its window.
     """
-    conv = getattr(layers[start].apply, "_bpalt_conv", None)
+    conv = _spec(layers[start], "_bpalt_conv")
     if conv is None or conv.stride != 1 or conv.implementation != "patches":
         return None
     if min(conv.kh, conv.kw) < FUSED_POOL_MIN_KERNEL:
         return None
     stop, activations = start + 1, []
-    while stop < len(layers) and hasattr(layers[stop].apply, "_bpalt_elementwise"):
-        activations.append(layers[stop].apply._bpalt_elementwise)
+    while stop < len(layers) and _spec(layers[stop], "_bpalt_elementwise") is not None:
+        activations.append(_spec(layers[stop], "_bpalt_elementwise"))
         stop += 1
-    pool = getattr(layers[stop].apply, "_bpalt_pool", None) if stop < len(layers) else None
+    pool = _spec(layers[stop], "_bpalt_pool") if stop < len(layers) else None
     if pool is None or pool.window != pool.stride or pool.window < 2:
         return None
     return stop + 1, _fused_conv_pool(conv, activations, pool)

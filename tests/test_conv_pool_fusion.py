@@ -170,7 +170,7 @@ def test_other_blocks_stay_unfused(layers):
     assert nn._fusion_at(layers, 0) is None
 
 
-def test_same_pool_that_does_not_divide_runs_layers_one_by_one():
+def test_same_pool_not_dividing_stays_unfused():
     layers = [nn.conv2d(3, 5, padding="SAME"), nn.relu, nn.max_pool(2, padding="SAME")]
     block = nn.serial(*layers)
     params = _params(layers, (11, 11, 2), seed=2)
@@ -189,3 +189,33 @@ def test_lenet_blocks_are_fused():
         assert len(params) == 3
     layers = [nn.conv2d(6, 5, padding="VALID"), nn.relu, nn.max_pool(2)]
     assert nn._fusion_at(layers, 0)[0] == 3
+
+
+def test_layer_with_replaced_feedback_stays_unfused():
+    # Sign-symmetry style feedback: the input gradient through sign(w) instead of w.
+    conv = nn.conv2d(3, 5, padding="VALID")
+
+    def sign_feedback_apply(params, feedback, x):
+        return conv.feedback_apply(params, {"w": jnp.sign(params["w"])}, x)
+
+    layers = [conv._replace(feedback_apply=sign_feedback_apply), nn.relu, nn.max_pool(2)]
+    assert nn._fusion_at(layers, 0) is None
+    block = nn.serial(*layers)
+    params = _params(layers, (12, 12, 2), seed=3)
+    x = _uniform(4, (2, 12, 12, 2))
+
+    def input_grad(fn):
+        return jax.grad(lambda x: jnp.sum(fn(x) ** 2))(x)
+
+    actual = input_grad(lambda x: block.feedback_apply(params, params, x))
+    expected = input_grad(lambda x: _one_by_one(layers, params, x, params))
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_input_narrower_than_pool_stays_unfused():
+    # Params sized for 12 x 12 inputs; a 5 x 5 input leaves one output row for a 2 x 2 pool.
+    layers = [nn.conv2d(4, 5, padding="VALID"), nn.relu, nn.max_pool(2)]
+    block = nn.serial(*layers)
+    params = _params(layers, (12, 12, 2), seed=6)
+    x = _uniform(7, (1, 5, 5, 2))
+    assert block.apply(params, x).shape == _one_by_one(layers, params, x).shape == (1, 0, 0, 4)
