@@ -269,6 +269,27 @@ def reference_train_step(network: nn.Network, optimizer: optax.GradientTransform
     return jax.jit(step)
 
 
+def layer_shapes(layers: Sequence[tuple], input_shape: Sequence[int]):
+    """Yield ``(layer, input shape, output shape)`` for each entry of a workload's layer
+    list (see ``bpalt.workloads.Workload.layers``); shapes exclude the batch axis."""
+    shape = tuple(input_shape)
+    for layer in layers:
+        if layer[0] == "conv":
+            _, features, kernel, padding = layer
+            size = [nn.conv_output_size(n, kernel, 1, padding) for n in shape[:2]]
+            output = (*size, features)
+        elif layer[0] == "pool":
+            output = (shape[0] // layer[1], shape[1] // layer[1], shape[2])
+        elif layer[0] == "flatten":
+            output = (math.prod(shape),)
+        elif layer[0] == "dense":
+            output = (layer[1],)
+        else:
+            output = shape
+        yield layer, shape, output
+        shape = output
+
+
 def backprop_flops(workload: Workload, input_shape, batch_size: int) -> float:
     """Count a backprop step's FLOPs on ``workload``: 3 x the forward pass (forward, input
     and weight gradients).
@@ -279,20 +300,12 @@ def backprop_flops(workload: Workload, input_shape, batch_size: int) -> float:
     network, not of bpalt's implementation, whose convolutions fused with their pools do
     1.44 times these multiply-adds (5 x 5 kernels on a 2 x 2 pool's grid).
     """
-    forward, shape = 0, tuple(input_shape)
-    for layer in workload.layers:
+    forward = 0
+    for layer, shape_in, shape_out in layer_shapes(workload.layers, input_shape):
         if layer[0] == "conv":
-            _, features, kernel, padding = layer
-            size = [nn.conv_output_size(n, kernel, 1, padding) for n in shape[:2]]
-            forward += 2 * kernel * kernel * shape[-1] * features * size[0] * size[1]
-            shape = (*size, features)
-        elif layer[0] == "pool":
-            shape = (shape[0] // layer[1], shape[1] // layer[1], shape[2])
-        elif layer[0] == "flatten":
-            shape = (math.prod(shape),)
+            forward += 2 * layer[2] ** 2 * shape_in[-1] * math.prod(shape_out)
         elif layer[0] == "dense":
-            forward += 2 * shape[0] * layer[1]
-            shape = (layer[1],)
+            forward += 2 * shape_in[0] * shape_out[0]
     return 3.0 * forward * batch_size
 
 
@@ -356,20 +369,12 @@ def plain_jax_model(layers: Sequence[tuple], input_shape: Sequence[int]):
     ``lax.reduce_window``: the model a researcher writes in plain JAX, without bpalt.
     ``layers`` is a workload's layer list (see ``bpalt.workloads.Workload.layers``).
     """
-    shapes, shape = [], tuple(input_shape)
-    for layer in layers:
+    shapes = []
+    for layer, shape_in, _ in layer_shapes(layers, input_shape):
         if layer[0] == "conv":
-            _, features, kernel, padding = layer
-            shapes.append((kernel, kernel, shape[-1], features))
-            size = [nn.conv_output_size(n, kernel, 1, padding) for n in shape[:2]]
-            shape = (*size, features)
-        elif layer[0] == "pool":
-            shape = (shape[0] // layer[1], shape[1] // layer[1], shape[2])
-        elif layer[0] == "flatten":
-            shape = (math.prod(shape),)
+            shapes.append((layer[2], layer[2], shape_in[-1], layer[1]))
         elif layer[0] == "dense":
-            shapes.append((shape[0], layer[1]))
-            shape = (layer[1],)
+            shapes.append((shape_in[0], layer[1]))
 
     def init(seed):
         rng = np.random.default_rng(seed)
