@@ -295,8 +295,8 @@ def backprop_flops(workload: Workload, input_shape, batch_size: int) -> float:
     and weight gradients).
 
     The forward pass counts 2 FLOPs per multiply-add of each convolution (``2 kh kw in out``
-    per output position, padding included) and each dense layer (``2 in out``), the usual
-    nominal count; activations, pools and biases are left out. It is a closed form of the
+    per output position, padding included) and each dense layer (``2 in out``). This is the
+    usual nominal count, which leaves out activations, pools and biases. It is a closed form of the
     network, not of bpalt's implementation, whose convolutions fused with their pools do
     1.44 times these multiply-adds (5 x 5 kernels on a 2 x 2 pool's grid).
     """
