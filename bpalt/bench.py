@@ -271,7 +271,7 @@ def reference_train_step(network: nn.Network, optimizer: optax.GradientTransform
 
 def layer_shapes(layers: Sequence[tuple], input_shape: Sequence[int]):
     """Yield ``(layer, input shape, output shape)`` for each entry of a workload's layer
-    list (see ``bpalt.workloads.Workload.layers``); shapes exclude the batch axis."""
+    list (see ``bpalt.workloads.Workload.layers``). Shapes exclude the batch axis."""
     shape = tuple(input_shape)
     for layer in layers:
         if layer[0] == "conv":
@@ -334,7 +334,7 @@ def rule_stepper(
 def reference_stepper(
     network: nn.Network, params, batch, flops=None, label="jax.grad + optax"
 ) -> Stepper:
-    """Compile the hand-written reference step; ``flops`` is its FLOP count, if known."""
+    """Compile the hand-written reference step, whose FLOP count is ``flops`` if known."""
     optimizer = optax.adam(LEARNING_RATE)
     carry = (params, (), optimizer.init(params))
     step_fn = reference_train_step(network, optimizer)

@@ -430,13 +430,23 @@ def _conv_patches(x, w, *, stride, padding):
     """
     _check_input(x, w)
     kh, kw, _, _ = w.shape
+    x, out_h, out_w = _pad_for_valid(x, kh, kw, stride, padding)
+    return _conv_valid(x, w, stride, out_h, out_w)
+
+
+def _pad_for_valid(x, kh: int, kw: int, stride: int, padding: str):
+    """Pad ``x`` for SAME padding (nothing for VALID) and return it with the output size.
+
+    Returns ``(x, out_h, out_w)``: a VALID convolution of the returned ``x`` has the output
+    of the ``padding`` convolution of the input.
+    """
     _, h, wd, _ = x.shape
     if padding == "SAME":
         pad_h, pad_w = _same_padding(h, kh, stride), _same_padding(wd, kw, stride)
         x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     out_h = conv_output_size(h, kh, stride, padding)
     out_w = conv_output_size(wd, kw, stride, padding)
-    return _conv_valid(x, w, stride, out_h, out_w)
+    return x, out_h, out_w
 
 
 CONV_IMPLEMENTATIONS = {"patches": _conv_patches, "xla": _conv_xla}
@@ -685,23 +695,18 @@ def _conv_on_pool_grid(x, w, window: int, pooled_h: int, pooled_w: int):
 def _fused_conv_pool(conv: _ConvSpec, activations: Sequence[Callable], pool: _PoolSpec):
     """Build ``run(conv_params, feedback_w, x)`` for conv2d, elementwise layers and a pool.
 
-    ``run`` returns what the layers return one after another. Where the pool would not take
-    its reshape path (SAME padding on a size its window does not divide), or where the
-    convolution's output is narrower than the window, it returns None, and the caller runs
-    the layers one by one. With ``feedback_w`` the convolution's input
-    gradient goes through it (``feedback_linear``).
+    ``run`` returns what the layers return one after another. It returns None in two cases,
+    and the caller then runs the layers one by one. In the first, the pool would not take
+    its reshape path (SAME padding on a size its window does not divide). In the second,
+    the convolution's output is narrower than the window. With ``feedback_w``, the
+    convolution's input gradient goes through it (``feedback_linear``).
     """
     window = pool.window
 
     def run(conv_params, feedback_w, x):
         w = conv_params["w"]
         _check_input(x, w)
-        _, h, wd, _ = x.shape
-        if conv.padding == "SAME":
-            pad_h, pad_w = _same_padding(h, conv.kh, 1), _same_padding(wd, conv.kw, 1)
-            x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-        out_h = conv_output_size(h, conv.kh, 1, conv.padding)
-        out_w = conv_output_size(wd, conv.kw, 1, conv.padding)
+        x, out_h, out_w = _pad_for_valid(x, conv.kh, conv.kw, 1, conv.padding)
         too_small = out_h < window or out_w < window
         if too_small or (pool.padding == "SAME" and (out_h % window or out_w % window)):
             return None
@@ -736,8 +741,11 @@ def _fusion_at(layers: Sequence[Layer], start: int):
     if min(conv.kh, conv.kw) < FUSED_POOL_MIN_KERNEL:
         return None
     stop, activations = start + 1, []
-    while stop < len(layers) and _spec(layers[stop], "_bpalt_elementwise") is not None:
-        activations.append(_spec(layers[stop], "_bpalt_elementwise"))
+    while stop < len(layers):
+        activation = _spec(layers[stop], "_bpalt_elementwise")
+        if activation is None:
+            break
+        activations.append(activation)
         stop += 1
     pool = _spec(layers[stop], "_bpalt_pool") if stop < len(layers) else None
     if pool is None or pool.window != pool.stride or pool.window < 2:

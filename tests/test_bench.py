@@ -443,7 +443,7 @@ def test_targets_listed_when_parts_skipped():
 
 
 @pytest.mark.parametrize("workload", [workloads.W1, workloads.W2], ids=["W1", "W2"])
-def test_backprop_flops_agree_with_xla_on_the_plain_model(workload):
+def test_backprop_flops_match_plain_xla(workload):
     # XLA counts the plain model's forward pass, activations and pools included. Its SAME
     # convolutions skip the padding's products, which the nominal count keeps.
     x = jnp.zeros((4, *workload.build().input_shape), jnp.float32)

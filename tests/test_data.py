@@ -612,26 +612,26 @@ def real_mnist_file(key: str) -> Path | None:
 
 
 def require_real_mnist() -> Path:
-    """Return ``MNIST_DIR``; skip or fail (see ``MNIST_DIR``) when it lacks the t10k files."""
+    """Return ``MNIST_DIR``, or skip or fail (see ``MNIST_DIR``) when it lacks the t10k files."""
     missing = [
         f"{IDX_FILES[key]}[.gz]"
         for key in ("test_images", "test_labels")
         if real_mnist_file(key) is None
     ]
     if missing:
-        found = "no such folder" if not MNIST_DIR.is_dir() else f"missing {', '.join(missing)}"
-        wanted = (
-            "the folder that holds t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
+        found = "folder not found" if not MNIST_DIR.is_dir() else f"missing {', '.join(missing)}"
+        expected = (
+            "the folder that contains t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte "
             "(gzipped or not)"
         )
         if MNIST_DIR_NAMED:
             pytest.fail(
-                f"BPALT_MNIST_DIR={str(MNIST_DIR)!r}: {found}. Set it to {wanted}, or unset "
+                f"BPALT_MNIST_DIR={str(MNIST_DIR)!r}: {found}. Set it to {expected}, or unset "
                 "it to skip these tests"
             )
         pytest.skip(
             f"real MNIST t10k files not found in {MNIST_DIR} ({found}); set BPALT_MNIST_DIR "
-            f"to {wanted}"
+            f"to {expected}"
         )
     return MNIST_DIR
 
