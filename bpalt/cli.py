@@ -60,6 +60,11 @@ def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None
         "--learning-rate", type=positive_float, help="optimizer step size (default 3e-3)"
     )
     parser.add_argument(
+        "--seed-loop",
+        help="how the seeds run in one compiled step: vmap (batched), map (one after "
+        "another) or auto (default: chosen from the step's shapes)",
+    )
+    parser.add_argument(
         "--dataset", help="digits (default, bundled), mnist, fashion_mnist, kmnist, "
         "their *_t10k variants, or cifar10"
     )
@@ -119,6 +124,7 @@ def _comparison(args, rule_names):
         "batch_size": args.batch_size,
         "optimizer": args.optimizer,
         "learning_rate": args.learning_rate,
+        "seed_loop": args.seed_loop,
         "dataset": args.dataset,
         "data_dir": args.data_dir,
         "diagnostics_every": args.diagnostics_every,

@@ -6,7 +6,8 @@ training settings resolve in this order, first match wins:
 1. the rule's own table in the TOML file (``[rule.fa] learning_rate = 1e-3``);
 2. a top-level value from the command line, or else from the TOML file;
 3. the settings the rule recommends (``bpalt.rules.training_defaults``);
-4. the global defaults: 40 epochs, batch 64, Adam, learning rate 3e-3.
+4. the global defaults: 40 epochs, batch 64, Adam, learning rate 3e-3, and the seed loop
+   that ``train.make_seeds_step`` picks from the step's shapes (``seed_loop = "auto"``).
 
 A TOML file looks like::
 
@@ -47,7 +48,10 @@ else:  # pragma: no cover
 
 from bpalt import data, losses, models, rules, train
 
-GLOBAL_TRAINING = {"epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3}
+GLOBAL_TRAINING = {
+    "epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3,
+    "seed_loop": "auto",
+}  # fmt: skip
 OPTIMIZERS = {
     "adam": optax.adam,
     "adamw": optax.adamw,
@@ -73,6 +77,7 @@ class RunSpec:
     batch_size: int
     optimizer: str
     learning_rate: float
+    seed_loop: str = "auto"
 
     def make_optimizer(self) -> optax.GradientTransformation:
         return OPTIMIZERS[self.optimizer](self.learning_rate)
@@ -167,7 +172,8 @@ def _check_seed_count(count: int) -> None:
 
 
 def validate_training(settings: dict[str, Any], where: str = "") -> None:
-    """Raise ``ValueError`` on a non-positive epoch count, batch size or learning rate."""
+    """Raise ``ValueError`` on a non-positive epoch count, batch size or learning rate, an
+    unknown optimizer or an unknown seed loop."""
     prefix = f"{where}: " if where else ""
     for key in ("epochs", "batch_size"):
         if key in settings:
@@ -178,6 +184,11 @@ def validate_training(settings: dict[str, Any], where: str = "") -> None:
         raise ValueError(
             f"{prefix}unknown optimizer {settings['optimizer']!r}; "
             f"accepted: {', '.join(OPTIMIZERS)}"
+        )
+    if "seed_loop" in settings and settings["seed_loop"] not in train.SEED_LOOPS:
+        raise ValueError(
+            f"{prefix}unknown seed_loop {settings['seed_loop']!r}; "
+            f"accepted: {', '.join(train.SEED_LOOPS)}"
         )
 
 

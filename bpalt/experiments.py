@@ -71,7 +71,8 @@ def _fingerprint(record: dict[str, Any]) -> dict[str, Any]:
     matter.
     """
     kept = {k: v for k, v in record.items() if k not in ("training", "rule_settings", "rules")}
-    kept["runs"] = {run["rule"]: run for run in record.get("runs", [])}
+    # Folders written before runs recorded their seed loop used the automatic choice.
+    kept["runs"] = {run["rule"]: {"seed_loop": "auto", **run} for run in record.get("runs", [])}
     return kept
 
 
@@ -218,7 +219,7 @@ class RuleRunner:
         self.seeds = comparison.seeds
         self.rule = rules.get(spec.rule, network, self.loss, **spec.hyperparameters)
         self.optimizer = spec.make_optimizer()
-        self.step = train.make_seeds_step(self.rule, self.optimizer)
+        self.step = train.make_seeds_step(self.rule, self.optimizer, spec.seed_loop)
         self.evaluate = train.make_evaluate(self.rule, self.loss)
         self.diagnostics_every = comparison.diagnostics_every
         diagnose = diagnostics.make_diagnose(self.rule, network, self.loss)

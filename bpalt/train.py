@@ -142,7 +142,16 @@ traffic. It was chosen on a 2-core CPU, from three seeds under ``vmap`` against
 - ``lax.map`` faster: random features on ``patch_cnn`` at batch 64 (53 MiB), 1.4 against
   1.5 ms; Greedy InfoMax on ``patch_cnn`` at batch 32 (64 MiB), 26 against 39 ms; ES on
   the digits CNN at batch 64 (108 MiB), 237 against 264 ms; LeNet at batch 128 (260 MiB),
-  17 against 34 ms."""
+  17 against 34 ms.
+
+Since LeNet's convolutions run fused with their pools, the arrays its steps create sum to
+less, and no single threshold fits every rule on it. In
+``experiments/results/benchmarks.md``, three seeds at batch 128 took 11.5 ms under ``vmap``
+against 13.7 ms under ``lax.map`` for backprop (110 MiB), 12.4 against 15.0 ms for feedback
+alignment (198 MiB) and 5.1 against 5.7 ms for random features (79 MiB), but 14.7 against
+10.6 ms for DFA (100 MiB), 26.4 against 19.8 ms for HSIC (141 MiB) and 19.3 against 18.3 ms
+for NTK linearisation (141 MiB). The rule keeps ``lax.map`` for all six, and
+``seed_loop="vmap"`` batches the first three."""
 
 
 def intermediate_bytes(fn: Callable, *args) -> int:

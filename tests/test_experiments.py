@@ -104,6 +104,49 @@ def test_changed_config_rejected(tmp_path):
         _compare(out, 2)
 
 
+def test_seed_loop_reaches_each_rule(tmp_path, monkeypatch):
+    loops = {}
+    make_seeds_step = train.make_seeds_step
+
+    def recording(rule, optimizer, seed_loop="auto"):
+        loops[rule.name] = seed_loop
+        return make_seeds_step(rule, optimizer, seed_loop)
+
+    monkeypatch.setattr(train, "make_seeds_step", recording)
+    out = tmp_path / "run"
+
+    _compare(out, 1, seed_loop="vmap", rule={"fa": {"seed_loop": "map"}})
+
+    assert loops == {"bp": "vmap", "fa": "map"}
+    runs = json.loads((out / "config.json").read_text())["runs"]
+    assert {run["rule"]: run["seed_loop"] for run in runs} == loops
+
+
+def test_changed_seed_loop_rejected(tmp_path):
+    out = tmp_path / "run"
+    _compare(out, 1, seed_loop="map")
+
+    with pytest.raises(experiments.ConfigMismatchError, match=r"seed_loop: 'map' -> 'vmap'"):
+        _compare(out, 1, seed_loop="vmap")
+
+
+def test_folder_without_seed_loop_resumes_as_auto(tmp_path):
+    out = tmp_path / "run"
+    _compare(out, 1)
+    path = out / "config.json"
+    record = json.loads(path.read_text())
+    for run in record["runs"]:
+        del run["seed_loop"]
+    path.write_text(json.dumps(record))
+    before = (out / "results.jsonl").read_text()
+
+    _compare(out, 1)
+
+    assert (out / "results.jsonl").read_text() == before
+    with pytest.raises(experiments.ConfigMismatchError, match=r"seed_loop: 'auto' -> 'map'"):
+        _compare(out, 1, seed_loop="map")
+
+
 def test_folder_with_other_files_rejected(tmp_path):
     out = tmp_path / "notes"
     out.mkdir()
