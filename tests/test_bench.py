@@ -127,7 +127,7 @@ def _peer_notes(skipped):
 
 
 def test_peer_targets_say_no_peers_ran():
-    notes = _peer_notes({"peers": "not measured (--no-peers)"})
+    notes = _peer_notes({bench.OPTIONAL_PEERS: "not measured (--no-peers)"})
 
     assert notes == {
         "W1: bp / PyTorch eager": "peers not run: --no-peers",
