@@ -59,15 +59,17 @@ NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
 PACKAGES = ("jax", "jaxlib", "optax", "numpy", "torch", "biotorch", "evosax")
 LEARNING_RATE = 1e-3
 BACKPROP_STEPS = ("jax.grad + optax", "bp", "plain JAX (lax.conv)", "PyTorch eager")
-OPTIONAL_PEERS = "PyTorch, BioTorch and evosax"
-"""The peers that ``--no-peers`` leaves out. The plain JAX model needs no extra package, so it
-always runs."""
 """Rows (or row prefixes) that compute the exact loss gradient; their FLOP rate is reported."""
+OPTIONAL_PEERS = "PyTorch, BioTorch and evosax"
+"""The peers that ``--no-peers`` leaves out, as the report names them. The plain JAX model
+needs no extra package, so it always runs."""
+NO_PEERS = "peers"
+"""Key of the ``--no-peers`` entry among a workload's skipped rows in the JSON output."""
 TORCH_PEERS = ("PyTorch eager", "BioTorch fa", "BioTorch dfa")
 LOCAL_RULES = ("hsic", "gim")
+"""Rules also measured at ``Settings.local_batch``, their usual batch size."""
 LOCAL_WORKLOAD = "W1"
 """Workload on which the local rules at ``local_batch`` and the empirical NTK are timed."""
-"""Rules also measured at ``Settings.local_batch``, their usual batch size."""
 LOCAL_VARIANTS = {"hsic (plain estimator)": ("hsic", {"estimator": "plain"})}
 """Extra rows of the batch-256 measurement: row name -> (rule, hyperparameters). HSIC's
 plain estimator is the one in the paper's equations. The registered default, the normalised
@@ -662,7 +664,7 @@ def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, 
                 steppers.append(stepper)
                 kinds[stepper.name] = "peer"
     else:
-        skipped[OPTIONAL_PEERS] = "not measured (--no-peers)"
+        skipped[NO_PEERS] = "not measured (--no-peers)"
 
     for stepper in steppers:
         if stepper.name.startswith(BACKPROP_STEPS):
@@ -1110,8 +1112,8 @@ def _peer_note(skipped: dict[str, str], name: str) -> str:
     that ``--no-peers`` left the optional peers out."""
     if name in skipped:
         return skipped[name]
-    if OPTIONAL_PEERS in skipped:
-        return "peers not run: --no-peers"
+    if NO_PEERS in skipped:
+        return f"{name} not run: --no-peers"
     return "not measured"
 
 
@@ -1184,7 +1186,7 @@ def _step_lines(entry) -> list[str]:
     lines = _table(("step", "kind", "ms median", "ms p25-p75", "ratio to jax.grad + optax",
                     "compile s", "XLA memory MiB"), rows)
     for name, reason in entry["steps"]["skipped"].items():
-        lines.append(f"- {name}: skipped, {reason}")
+        lines.append(f"- {OPTIONAL_PEERS if name == NO_PEERS else name}: skipped, {reason}")
     return lines + ([""] if entry["steps"]["skipped"] else [])
 
 

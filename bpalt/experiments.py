@@ -100,6 +100,14 @@ def prepare_output(out: Path, record: dict[str, Any]) -> None:
                 f"{path} does not contain a comparison config (a JSON object); it is "
                 "damaged: choose another --out"
             )
+        runs = previous.get("runs", [])
+        if not isinstance(runs, list) or not all(
+            isinstance(run, dict) and "rule" in run for run in runs
+        ):
+            raise ValueError(
+                f"{path} has an invalid runs list (expected one object with a rule per run); "
+                "it is damaged: choose another --out"
+            )
         differences = _config_differences(_fingerprint(previous), _fingerprint(record))
         if differences:
             raise ConfigMismatchError(

@@ -207,10 +207,12 @@ def make_seeds_step(
     them into one step, ``"map"`` runs them one after another (``lax.map``), and ``"auto"``
     (the default) takes ``"map"`` for a single seed or when the arrays one seed's step creates
     add up to more than ``MAP_THRESHOLD_BYTES``, and ``"vmap"`` otherwise. All three compute
-    the same function, but XLA may order the float sums differently, so a long run whose
-    loop changes can end a little apart (Greedy InfoMax on reduced MNIST: 97.13 % under
-    ``vmap``, 97.03 % under ``lax.map``, over 3 seeds). Batching seeds pays off while a
-    step's arrays fit in the caches; beyond that it multiplies the memory traffic.
+    the same function, but XLA may order the float sums differently, so a run whose loop
+    changes can end apart (Greedy InfoMax on reduced MNIST: 97.13 % under ``vmap``, 97.03 %
+    under ``lax.map``, over 3 seeds). Adam can turn such rounding in an almost-zero gradient
+    into a whole step: HSIC on the digits reached 92.36 % under ``vmap`` and 94.72 % under
+    ``lax.map`` after 8 epochs (2 seeds). Batching seeds pays off while a step's arrays fit
+    in the caches; beyond that it multiplies the memory traffic.
     """
     if seed_loop not in SEED_LOOPS:
         raise ValueError(

@@ -88,9 +88,11 @@ def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     text = md_path.read_text()
     assert "## Targets" in text
     assert (
-        "| W1: bp / PyTorch eager |  | <= 1 x | not measured | peers not run: --no-peers |"
-        in text
+        "| W1: bp / PyTorch eager |  | <= 1 x | not measured | PyTorch eager not run: "
+        "--no-peers |" in text
     )
+    assert "- PyTorch, BioTorch and evosax: skipped, not measured (--no-peers)" in text
+    assert steps["skipped"] == {"peers": "not measured (--no-peers)"}
     assert "| zero | rule |" in text
     assert "rules at batch 0" not in text
     assert "A 64x64 matmul is too small to reach the machine's rate (use at least 1024)" in text
@@ -127,13 +129,13 @@ def _peer_notes(skipped):
 
 
 def test_peer_targets_say_no_peers_ran():
-    notes = _peer_notes({bench.OPTIONAL_PEERS: "not measured (--no-peers)"})
+    notes = _peer_notes({bench.NO_PEERS: "not measured (--no-peers)"})
 
     assert notes == {
-        "W1: bp / PyTorch eager": "peers not run: --no-peers",
-        "W1: fa / BioTorch fa": "peers not run: --no-peers",
-        "W1: dfa / BioTorch dfa": "peers not run: --no-peers",
-        "W1: es generation / evosax Open_ES": "peers not run: --no-peers",
+        "W1: bp / PyTorch eager": "PyTorch eager not run: --no-peers",
+        "W1: fa / BioTorch fa": "BioTorch fa not run: --no-peers",
+        "W1: dfa / BioTorch dfa": "BioTorch dfa not run: --no-peers",
+        "W1: es generation / evosax Open_ES": "evosax Open_ES not run: --no-peers",
     }
 
 

@@ -147,6 +147,19 @@ def test_folder_without_seed_loop_resumes_as_auto(tmp_path):
         _compare(out, 1, seed_loop="map")
 
 
+@pytest.mark.parametrize("runs", [["bp", "fa"], {"bp": {}}, [{"epochs": 1}]])
+def test_damaged_runs_list_rejected(tmp_path, runs):
+    out = tmp_path / "run"
+    _compare(out, 1)
+    path = out / "config.json"
+    record = json.loads(path.read_text())
+    record["runs"] = runs
+    path.write_text(json.dumps(record))
+
+    with pytest.raises(ValueError, match="invalid runs list .* damaged: choose another --out"):
+        _compare(out, 1)
+
+
 def test_folder_with_other_files_rejected(tmp_path):
     out = tmp_path / "notes"
     out.mkdir()
