@@ -163,7 +163,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-TEXT_FIELDS = ("record", "rule", "status", "error")
+TEXT_FIELDS = ("record", "rule", "status", "error", "seed_loop")
 """Fields of a result record that contain text; every other field is a number or null."""
 
 
@@ -228,12 +228,13 @@ class RuleRunner:
         self.rule = rules.get(spec.rule, network, self.loss, **spec.hyperparameters)
         self.optimizer = spec.make_optimizer()
         self.step = train.make_seeds_step(self.rule, self.optimizer, spec.seed_loop)
+        self.x_train = jnp.asarray(dataset.x_train)
+        self.y_train = jnp.asarray(dataset.y_train)
+        self.seed_loop = self.resolve_seed_loop()
         self.evaluate = train.make_evaluate(self.rule, self.loss)
         self.diagnostics_every = comparison.diagnostics_every
         diagnose = diagnostics.make_diagnose(self.rule, network, self.loss)
         self.diagnose = jax.jit(jax.vmap(diagnose, in_axes=(0, 0, None, None)))
-        self.x_train = jnp.asarray(dataset.x_train)
-        self.y_train = jnp.asarray(dataset.y_train)
         self.x_test = jnp.asarray(dataset.x_test)
         self.y_test = jnp.asarray(dataset.y_test)
         size = min(DIAGNOSTIC_BATCH, dataset.x_train.shape[0])
@@ -247,6 +248,20 @@ class RuleRunner:
 
     def initial_state(self):
         return train.init_seeds(self.rule, self.network, self.optimizer, self.seeds)
+
+    def resolve_seed_loop(self) -> str:
+        """Return the loop, ``"vmap"`` or ``"map"``, that this rule's seeds run under.
+
+        For ``seed_loop="auto"`` this is the choice ``train.make_seeds_step`` makes from
+        the step's shapes, traced here without computing anything.
+        """
+        if self.spec.seed_loop != "auto":
+            return self.spec.seed_loop
+        state = jax.eval_shape(self.initial_state)
+        indices = jax.ShapeDtypeStruct((len(self.seeds), self.spec.batch_size), jnp.int32)
+        return train.seed_loop_for(
+            self.rule, self.optimizer, state, self.x_train, self.y_train, indices
+        )
 
     def train_epoch(self, state, epoch: int):
         """Train all seeds for one epoch, with diagnostics every ``diagnostics_every`` steps.
@@ -342,6 +357,7 @@ class RuleRunner:
                 "test_loss": _to_float(test_loss[index]),
                 "epoch_seconds": seconds,
                 "ms_per_step": 1000.0 * seconds / steps,
+                "seed_loop": self.seed_loop,
             }
             for name, values in metrics.items():
                 if name != "loss":

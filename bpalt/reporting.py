@@ -105,9 +105,30 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "epochs": max((r["epoch"] for r in ends), default=-1) + 1,
                 "held_out": _held_out_summary(rule_records, ok),
                 "timed_with_compilation": bool(timing) and not epochs,
+                "seed_loop": next(
+                    (r["seed_loop"] for r in reversed(rule_records) if "seed_loop" in r), None
+                ),
             }
         )
     return rows
+
+
+def _seed_loop_lines(rows, seeds: int | None) -> list[str]:
+    """Return the lines naming the rules whose seeds ran batched (``vmap``) and those whose
+    seeds ran one after another.
+
+    The list is empty for a single seed, and for results written before runs recorded
+    their loop.
+    """
+    if seeds is not None and seeds < 2:
+        return []
+    loops = {"vmap": "Seeds batched under `vmap`", "map": "Seeds one after another under `lax.map`"}
+    sentences = []
+    for loop, words in loops.items():
+        names = [row["rule"] for row in rows if row.get("seed_loop") == loop]
+        if names:
+            sentences.append(f"{words}: {', '.join(names)}.")
+    return [" ".join(sentences), ""] if sentences else []
 
 
 def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
@@ -274,6 +295,8 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             "",
         ]
     lines += [markdown_table(rows), ""]
+    seeds = comparison.get("seeds") if comparison else None
+    lines += _seed_loop_lines(rows, len(seeds) if isinstance(seeds, list) else None)
     first_epoch_only = [row["rule"] for row in rows if row.get("timed_with_compilation")]
     if first_epoch_only:
         lines += [

@@ -122,6 +122,26 @@ def test_seed_loop_reaches_each_rule(tmp_path, monkeypatch):
     assert {run["rule"]: run["seed_loop"] for run in runs} == loops
 
 
+def test_records_name_the_loop_that_ran(tmp_path, monkeypatch):
+    chosen = []
+    choose_seed_loop = train.choose_seed_loop
+
+    def recording(*args):
+        chosen.append(choose_seed_loop(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(train, "choose_seed_loop", recording)
+    out = tmp_path / "run"
+
+    _compare(out, 1, rule={"fa": {"seed_loop": "map"}})
+
+    loops = {(r["rule"], r["seed_loop"]) for r in _records(out)}
+    assert loops == {("bp", "vmap"), ("fa", "map")}
+    assert set(chosen) == {"vmap"}
+    summary = (out / "summary.md").read_text()
+    assert "Seeds batched under `vmap`: bp. Seeds one after another under `lax.map`: fa." in summary
+
+
 def test_changed_seed_loop_rejected(tmp_path):
     out = tmp_path / "run"
     _compare(out, 1, seed_loop="map")

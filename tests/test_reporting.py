@@ -102,6 +102,25 @@ def test_summary_says_when_times_include_compilation():
     assert "The times of" not in _summary(one_epoch[1:])
 
 
+def test_summary_names_each_rules_seed_loop():
+    records = [
+        _epoch_record(rule, seed, 0, seed_loop=loop)
+        for rule, loop in (("bp", "vmap"), ("es", "map"), ("fa", "vmap"))
+        for seed in (0, 1)
+    ]
+    rows = reporting.summarize(records)
+
+    two_seeds = reporting.summary_markdown(rows, {"seeds": [0, 1]}, "")
+    one_seed = reporting.summary_markdown(rows, {"seeds": [0]}, "")
+
+    assert (
+        "Seeds batched under `vmap`: bp, fa. Seeds one after another under `lax.map`: es."
+        in two_seeds
+    )
+    assert "Seeds batched" not in one_seed
+    assert "Seeds" not in _summary([_epoch_record("bp", 0, 0), _epoch_record("bp", 1, 0)])
+
+
 def test_one_seed_shows_accuracy_without_spread():
     records = [_epoch_record("bp", 0, 0, test_accuracy=0.87)]
     rows = reporting.summarize(records)
