@@ -135,6 +135,14 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     Raises:
         ValueError: if ``path`` is a folder or is not UTF-8 text.
     """
+    return [record for _, record in _parsed_lines(path) if record is not None]
+
+
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """Return each non-blank line of ``path``, ends kept, with its record or ``None``.
+
+    ``None`` marks a line that is not JSON or not a record, and a warning names it.
+    """
     if not path.exists():
         return []
     if path.is_dir():
@@ -147,24 +155,27 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             f"{error.start} is not UTF-8 text; the file is damaged, so restore it or choose "
             "another folder"
         ) from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    parsed = []
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             logger.warning("skipping unreadable line %d of %s", number, path)
+            parsed.append((line, None))
             continue
         if not _is_record(record):
             logger.warning("skipping line %d of %s: not a result record", number, path)
-            continue
-        records.append(record)
-    return records
+            record = None
+        parsed.append((line, record))
+    return parsed
 
 
 TEXT_FIELDS = ("record", "rule", "status", "error", "seed_loop")
 """Fields of a result record that contain text; every other field is a number or null."""
+NULLABLE_TEXT_FIELDS = ("seed_loop",)
+"""Text fields that may also be null, meaning unknown."""
 
 
 def _is_record(record) -> bool:
@@ -175,7 +186,11 @@ def _is_record(record) -> bool:
         isinstance(record.get("rule"), str)
         and isinstance(record.get("seed"), int)
         and isinstance(record.get("epoch"), int)
-        and all(isinstance(record.get(key, ""), str) for key in TEXT_FIELDS)
+        and all(
+            isinstance(record.get(key, ""), str)
+            or (key in NULLABLE_TEXT_FIELDS and record[key] is None)
+            for key in TEXT_FIELDS
+        )
         and all(
             value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
             for key, value in record.items()
@@ -194,9 +209,19 @@ class ResultsLog:
         self.path = path
 
     def keep(self, predicate: Callable[[dict], bool]) -> None:
-        """Rewrite the file atomically with only the records that satisfy ``predicate``."""
-        kept = [r for r in read_results(self.path) if predicate(r)]
-        checkpoint.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        """Rewrite the file atomically without the records that fail ``predicate``.
+
+        A line that is not a record, such as one written by another version of bpalt or
+        edited by hand, stays as it is, so that no computed result is lost. Only an
+        unreadable last line without a line end, cut short by an interruption, is dropped.
+        """
+        lines = []
+        for line, record in _parsed_lines(self.path):
+            cut_short = record is None and not line.endswith("\n")
+            if cut_short or (record is not None and not predicate(record)):
+                continue
+            lines.append(line if line.endswith("\n") else line + "\n")
+        checkpoint.write_atomic(self.path, "".join(lines))
 
     def append(self, records: list[dict[str, Any]]) -> None:
         with open(self.path, "a") as file:

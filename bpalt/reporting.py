@@ -105,30 +105,38 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "epochs": max((r["epoch"] for r in ends), default=-1) + 1,
                 "held_out": _held_out_summary(rule_records, ok),
                 "timed_with_compilation": bool(timing) and not epochs,
-                "seed_loop": next(
-                    (r["seed_loop"] for r in reversed(rule_records) if "seed_loop" in r), None
-                ),
+                "seeds": len({r["seed"] for r in rule_records}),
+                "seed_loop": _recorded_loop(rule_records),
             }
         )
     return rows
 
 
-def _seed_loop_lines(rows, seeds: int | None) -> list[str]:
-    """Return the lines naming the rules whose seeds ran batched (``vmap``) and those whose
-    seeds ran one after another.
+def _recorded_loop(rule_records) -> str | None:
+    """Return the seed loop that every epoch of a rule ran under, or ``None`` when the
+    records name no single loop (written before runs recorded it, or a mix)."""
+    loops = {r.get("seed_loop") for r in rule_records}
+    return loops.pop() if len(loops) == 1 else None
 
-    The list is empty for a single seed, and for results written before runs recorded
-    their loop.
+
+def _seed_loop_lines(rows) -> list[str]:
+    """Return the lines naming the rules whose seeds ran batched (``vmap``), those whose
+    seeds ran one after another, and those with no single recorded loop.
+
+    The list is empty for a single seed, and when no rule recorded its loop.
     """
-    if seeds is not None and seeds < 2:
+    if max((row.get("seeds", 0) for row in rows), default=0) < 2:
         return []
-    loops = {"vmap": "Seeds batched under `vmap`", "map": "Seeds one after another under `lax.map`"}
-    sentences = []
-    for loop, words in loops.items():
-        names = [row["rule"] for row in rows if row.get("seed_loop") == loop]
-        if names:
-            sentences.append(f"{words}: {', '.join(names)}.")
-    return [" ".join(sentences), ""] if sentences else []
+    groups = {
+        "vmap": "Seeds batched under `vmap`",
+        "map": "Seeds one after another under `lax.map`",
+        None: "No single seed loop recorded for every epoch",
+    }
+    named = {loop: [row["rule"] for row in rows if row.get("seed_loop") == loop] for loop in groups}
+    if not named["vmap"] and not named["map"]:
+        return []
+    sentences = [f"{groups[loop]}: {', '.join(names)}." for loop, names in named.items() if names]
+    return [" ".join(sentences), ""]
 
 
 def _held_out_summary(rule_records, finished) -> dict[str, dict[str, float]]:
@@ -295,8 +303,7 @@ def summary_markdown(rows, comparison: dict | None, command: str) -> str:
             "",
         ]
     lines += [markdown_table(rows), ""]
-    seeds = comparison.get("seeds") if comparison else None
-    lines += _seed_loop_lines(rows, len(seeds) if isinstance(seeds, list) else None)
+    lines += _seed_loop_lines(rows)
     first_epoch_only = [row["rule"] for row in rows if row.get("timed_with_compilation")]
     if first_epoch_only:
         lines += [

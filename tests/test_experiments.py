@@ -244,6 +244,27 @@ def test_truncated_last_line_skipped(tmp_path):
     assert records == [{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}]
 
 
+def test_keep_drops_only_failing_records_and_cut_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    kept_record = '{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}\n'
+    dropped_record = '{"rule": "bp", "seed": 0, "epoch": 1, "status": "running"}\n'
+    foreign = '{"rule": "bp", "seed": 0, "epoch": 1, "status": "running", "note": "x"}\n'
+    garbage = "not json\n"
+    path.write_text(kept_record + foreign + garbage + dropped_record + '{"rule": "b')
+
+    experiments.ResultsLog(path).keep(lambda record: record["epoch"] == 0)
+
+    assert path.read_text() == kept_record + foreign + garbage
+
+
+def test_null_seed_loop_is_a_record(tmp_path):
+    path = tmp_path / "results.jsonl"
+    line = {"rule": "bp", "seed": 0, "epoch": 0, "status": "running", "seed_loop": None}
+    path.write_text(json.dumps(line) + "\n")
+
+    assert experiments.read_results(path) == [line]
+
+
 def _wait_for(predicate, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -108,17 +108,38 @@ def test_summary_names_each_rules_seed_loop():
         for rule, loop in (("bp", "vmap"), ("es", "map"), ("fa", "vmap"))
         for seed in (0, 1)
     ]
-    rows = reporting.summarize(records)
 
-    two_seeds = reporting.summary_markdown(rows, {"seeds": [0, 1]}, "")
-    one_seed = reporting.summary_markdown(rows, {"seeds": [0]}, "")
+    summary = _summary(records)
 
     assert (
         "Seeds batched under `vmap`: bp, fa. Seeds one after another under `lax.map`: es."
-        in two_seeds
+        in summary
     )
-    assert "Seeds batched" not in one_seed
-    assert "Seeds" not in _summary([_epoch_record("bp", 0, 0), _epoch_record("bp", 1, 0)])
+    assert "No single seed loop" not in summary
+
+
+def test_summary_names_rules_without_one_loop():
+    # bp's records predate the field; es resumed under lax.map after an epoch without it.
+    records = [_epoch_record("bp", seed, 0) for seed in (0, 1)]
+    records += [_epoch_record("es", seed, 0) for seed in (0, 1)]
+    records += [_epoch_record("es", seed, 1, seed_loop="map") for seed in (0, 1)]
+    records += [_epoch_record("fa", seed, 0, seed_loop="vmap") for seed in (0, 1)]
+
+    summary = _summary(records)
+
+    assert (
+        "Seeds batched under `vmap`: fa. No single seed loop recorded for every epoch: bp, es."
+        in summary
+    )
+
+
+def test_no_loop_line_one_seed_or_old():
+    one_seed = [_epoch_record("bp", 0, 0, seed_loop="map")]
+    old = [_epoch_record("bp", seed, 0) for seed in (0, 1)]
+
+    assert "Seeds" not in _summary(one_seed)
+    assert "Seeds" not in _summary(old)
+    assert "seed loop" not in _summary(old)
 
 
 def test_one_seed_shows_accuracy_without_spread():
