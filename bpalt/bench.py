@@ -724,9 +724,7 @@ class SeedsRun:
         self.seeds_step = train.make_seeds_step(rule, optimizer, seed_loop)
         seeds = jax.tree.leaves(state.step)[0].shape[0]
         indices = jnp.tile(jnp.arange(batch_size) % x.shape[0], (seeds, 1))
-        self.loop = seed_loop
-        if seed_loop == "auto":
-            self.loop = train.seed_loop_for(rule, optimizer, state, x, y, indices)
+        self.loop = train.seed_loop_for(rule, optimizer, state, x, y, indices, seed_loop)
         self.state = state
 
         def step():

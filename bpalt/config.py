@@ -172,8 +172,8 @@ def _check_seed_count(count: int) -> None:
 
 
 def validate_training(settings: dict[str, Any], where: str = "") -> None:
-    """Raise ``ValueError`` on a non-positive epoch count, batch size or learning rate, an
-    unknown optimizer or an unknown seed loop."""
+    """Raise ``ValueError`` on a non-positive epoch count, batch size or learning rate, or
+    on an unknown optimizer or seed loop."""
     prefix = f"{where}: " if where else ""
     for key in ("epochs", "batch_size"):
         if key in settings:
@@ -187,7 +187,7 @@ def validate_training(settings: dict[str, Any], where: str = "") -> None:
         )
     if "seed_loop" in settings and settings["seed_loop"] not in train.SEED_LOOPS:
         raise ValueError(
-            f"{prefix}unknown seed_loop {settings['seed_loop']!r}; "
+            f"{prefix}invalid seed_loop {settings['seed_loop']!r}; "
             f"accepted: {', '.join(train.SEED_LOOPS)}"
         )
 

@@ -139,9 +139,10 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """Return each non-blank line of ``path``, ends kept, with its record or ``None``.
+    """Return each non-blank line of ``path``, with its line end, and the line's record.
 
-    ``None`` marks a line that is not JSON or not a record, and a warning names it.
+    The record is ``None`` for a line that is not JSON or not a record, and a warning names
+    each such line.
     """
     if not path.exists():
         return []
@@ -175,7 +176,7 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
 TEXT_FIELDS = ("record", "rule", "status", "error", "seed_loop")
 """Fields of a result record that contain text; every other field is a number or null."""
 NULLABLE_TEXT_FIELDS = ("seed_loop",)
-"""Text fields that may also be null, meaning unknown."""
+"""Text fields that may also be null, for an unknown value."""
 
 
 def _is_record(record) -> bool:
@@ -277,15 +278,13 @@ class RuleRunner:
     def resolve_seed_loop(self) -> str:
         """Return the loop, ``"vmap"`` or ``"map"``, that this rule's seeds run under.
 
-        For ``seed_loop="auto"`` this is the choice ``train.make_seeds_step`` makes from
-        the step's shapes, traced here without computing anything.
+        The shapes are traced without computing anything.
         """
-        if self.spec.seed_loop != "auto":
-            return self.spec.seed_loop
         state = jax.eval_shape(self.initial_state)
         indices = jax.ShapeDtypeStruct((len(self.seeds), self.spec.batch_size), jnp.int32)
         return train.seed_loop_for(
-            self.rule, self.optimizer, state, self.x_train, self.y_train, indices
+            self.rule, self.optimizer, state, self.x_train, self.y_train, indices,
+            self.spec.seed_loop,
         )
 
     def train_epoch(self, state, epoch: int):

@@ -245,8 +245,13 @@ def _one_seed_step(rule: UpdateRule, optimizer: optax.GradientTransformation) ->
     return one_seed
 
 
-def seed_loop_for(rule: UpdateRule, optimizer, state: TrainState, x, y, indices) -> str:
-    """Return the loop, ``"map"`` or ``"vmap"``, that ``seed_loop="auto"`` takes here."""
+def seed_loop_for(
+    rule: UpdateRule, optimizer, state: TrainState, x, y, indices, seed_loop: str = "auto"
+) -> str:
+    """Return the loop, ``"map"`` or ``"vmap"``, that ``make_seeds_step(rule, optimizer,
+    seed_loop)`` runs on these arguments, resolving ``"auto"`` from their shapes."""
+    if seed_loop != "auto":
+        return seed_loop
     return choose_seed_loop(_one_seed_step(rule, optimizer), state, x, y, indices)
 
 

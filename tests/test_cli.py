@@ -22,7 +22,7 @@ from bpalt import argtypes, cli, config
         (["compare", "--seeds=-2"], "--seeds: must be a positive integer, got -2"),
         (["compare", "--batch-size", "x"], "expected a positive integer, got 'x'"),
         (["compare", "--optimizer", "lion"], "unknown optimizer 'lion'; accepted: adam"),
-        (["compare", "--seed-loop", "pmap"], "unknown seed_loop 'pmap'; accepted: auto, vmap, map"),
+        (["compare", "--seed-loop", "pmap"], "invalid seed_loop 'pmap'; accepted: auto, vmap, map"),
         (["compare", "--dataset", "mnist"], "needs a data directory"),
         (["compare", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
         (["train"], "--rule"),

@@ -122,7 +122,7 @@ def test_seed_loop_reaches_each_rule(tmp_path, monkeypatch):
     assert {run["rule"]: run["seed_loop"] for run in runs} == loops
 
 
-def test_records_name_the_loop_that_ran(tmp_path, monkeypatch):
+def test_records_name_loop_that_ran(tmp_path, monkeypatch):
     chosen = []
     choose_seed_loop = train.choose_seed_loop
 
@@ -150,7 +150,7 @@ def test_changed_seed_loop_rejected(tmp_path):
         _compare(out, 1, seed_loop="vmap")
 
 
-def test_folder_without_seed_loop_resumes_as_auto(tmp_path):
+def test_old_folder_resumes_as_auto(tmp_path):
     out = tmp_path / "run"
     _compare(out, 1)
     path = out / "config.json"
@@ -244,7 +244,7 @@ def test_truncated_last_line_skipped(tmp_path):
     assert records == [{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}]
 
 
-def test_keep_drops_only_failing_records_and_cut_line(tmp_path):
+def test_keep_preserves_unreadable_lines(tmp_path):
     path = tmp_path / "results.jsonl"
     kept_record = '{"rule": "bp", "seed": 0, "epoch": 0, "status": "running"}\n'
     dropped_record = '{"rule": "bp", "seed": 0, "epoch": 1, "status": "running"}\n'

@@ -102,7 +102,7 @@ def test_summary_says_when_times_include_compilation():
     assert "The times of" not in _summary(one_epoch[1:])
 
 
-def test_summary_names_each_rules_seed_loop():
+def test_summary_names_each_seed_loop():
     records = [
         _epoch_record(rule, seed, 0, seed_loop=loop)
         for rule, loop in (("bp", "vmap"), ("es", "map"), ("fa", "vmap"))
