@@ -56,7 +56,7 @@ def _compare(out: Path, epochs: int, show_progress=False, **overrides):
 def test_diverged_run_recorded_others_finish(tmp_path):
     out = tmp_path / "run"
     rows = _compare(
-        out, 3, rule={"fa": {"optimizer": "sgd", "learning_rate": 1e12}}
+        out, 3, diagnostics_every=0, rule={"fa": {"optimizer": "sgd", "learning_rate": 1e12}}
     )
 
     records = _records(out)
@@ -357,7 +357,9 @@ def _held_out_reference(comparison, rule_name, state, index):
 )
 def test_held_out_measures_recorded_and_summarised(tmp_path, rule_name, model, measure):
     out = tmp_path / "run"
-    settings = {"rules": [rule_name], "epochs": 2, "seeds": 2, "model": model}
+    settings = {
+        "rules": [rule_name], "epochs": 2, "seeds": 2, "model": model, "diagnostics_every": 0
+    }
     comparison = config.make_comparison(settings, {})
     rows = experiments.compare(comparison, out, show_progress=False)
 

@@ -273,7 +273,7 @@ def test_sequential_mode_recomputes_next_input(cnn, cnn_params, digits_batch):
 def test_metrics_name_every_hidden_block(cnn, cnn_params, digits_batch):
     rule = rules.get("hsic", cnn)
     state = rule.init(jax.random.key(1), cnn_params)
-    _, new_state, metrics = rule.update(state, cnn_params, digits_batch, jax.random.key(2))
+    _, new_state, metrics = jax.jit(rule.update)(state, cnn_params, digits_batch, jax.random.key(2))
     expected = {"loss"} | {
         f"{kind}/block{i}" for kind in ("hsic_loss", "hsic_zx", "hsic_zy") for i in (0, 1)
     }
@@ -343,12 +343,12 @@ def test_spd_inverse_matches_numpy(size):
     matrix = factor @ factor.T / size + 0.1 * np.eye(size)
     expected = np.linalg.inv(matrix)
 
-    inverse = np.asarray(hsic.spd_inverse(jnp.asarray(matrix, jnp.float32)), np.float64)
+    inverse = np.asarray(jax.jit(hsic.spd_inverse)(jnp.asarray(matrix, jnp.float32)), np.float64)
     tolerance = 2e-4 * np.abs(expected).max()
     np.testing.assert_allclose(inverse, expected, rtol=0, atol=tolerance)
 
     stacked = jnp.asarray(np.stack([matrix, 2.0 * matrix]), jnp.float32)
-    batched = np.asarray(jax.vmap(hsic.spd_inverse)(stacked), np.float64)
+    batched = np.asarray(jax.jit(jax.vmap(hsic.spd_inverse))(stacked), np.float64)
     np.testing.assert_allclose(batched[1], expected / 2.0, rtol=0, atol=tolerance)
 
 
@@ -416,7 +416,7 @@ def test_estimators_reject_batch_of_one(cnn, cnn_params, digits_batch):
     rule = rules.get("hsic", cnn, estimator="plain")
     state = rule.init(jax.random.key(0), cnn_params)
     with pytest.raises(ValueError, match="at least 2 examples, got 1"):
-        rule.update(state, cnn_params, (images[:1], labels[:1]), jax.random.key(1))
+        jax.jit(rule.update)(state, cnn_params, (images[:1], labels[:1]), jax.random.key(1))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -1,5 +1,7 @@
 """Layers and the Network: shapes, NumPy references, the feedback path and argument checks."""
 
+import functools
+
 import flax.linen
 import jax
 import jax.numpy as jnp
@@ -506,10 +508,12 @@ def test_chunked_network_equals_one_chain(chunks, batch, draw_params):
     y = jax.random.randint(KEY, (batch,), 0, 10)
     feedback = draw_params(jax.eval_shape(single.init, KEY), 2)
 
+    # Jitted: op-by-op dispatch compiled every operation of LeNet on its own.
     np.testing.assert_allclose(
-        chunked.apply(params, x), single.apply(params, x), rtol=RTOL, atol=ATOL
+        jax.jit(chunked.apply)(params, x), jax.jit(single.apply)(params, x), rtol=RTOL, atol=ATOL
     )
-    for got, want in zip(chunked.forward(params, x), single.forward(params, x)):
+    chunked_outputs = jax.jit(chunked.forward)(params, x)
+    for got, want in zip(chunked_outputs, jax.jit(single.forward)(params, x)):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
     def grads(network, apply):
@@ -555,12 +559,17 @@ def test_chunked_network_jvp_and_vmap(draw_params):
     tangent = draw_params(jax.eval_shape(single.init, KEY), 3)
     x = _uniform(1, (2, 128, 28, 28, 1))
 
-    _, want = jax.jvp(lambda p: single.apply(p, x[0]), (params,), (tangent,))
-    _, got = jax.jvp(lambda p: chunked.apply(p, x[0]), (params,), (tangent,))
+    @functools.partial(jax.jit, static_argnums=0)
+    def tangent_out(network, params, tangent, x):
+        return jax.jvp(lambda p: network.apply(p, x), (params,), (tangent,))[1]
+
+    want = tangent_out(single, params, tangent, x[0])
+    got = tangent_out(chunked, params, tangent, x[0])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
-    batched = jax.vmap(chunked.apply, in_axes=(None, 0))(params, x)
-    np.testing.assert_allclose(batched[1], single.apply(params, x[1]), rtol=RTOL, atol=ATOL)
+    batched = jax.jit(jax.vmap(chunked.apply, in_axes=(None, 0)))(params, x)
+    want = jax.jit(single.apply)(params, x[1])
+    np.testing.assert_allclose(batched[1], want, rtol=RTOL, atol=ATOL)
 
 
 def test_auto_chunks_follow_batch_size():

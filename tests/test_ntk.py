@@ -29,7 +29,8 @@ def small_network():
 
 
 def _inputs(key, n):
-    return jax.random.uniform(jax.random.key(key), (n, 8, 8, 1))
+    # NumPy draws: jax.random compiled anew for every shape.
+    return jnp.asarray(np.random.default_rng(key).uniform(size=(n, 8, 8, 1)), jnp.float32)
 
 
 def _jacobian(network, params, x):
@@ -44,10 +45,10 @@ def _flat(tree):
 
 
 def _perturbed(params, key, scale):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(key), len(leaves))
-    noisy = [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    return treedef.unflatten(noisy)
+    rng = np.random.default_rng(key)
+    return jax.tree.map(
+        lambda leaf: leaf + scale * rng.standard_normal(leaf.shape, np.float32), params
+    )
 
 
 # --- The linearised network -----------------------------------------------------------------
