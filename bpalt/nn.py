@@ -81,6 +81,20 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def _check_weight_size(layer: str, shape: tuple[int, ...]) -> None:
+    """Raise unless a weight array of ``shape`` has at most ``MAX_SIZE`` entries.
+
+    Each size alone may be valid while their product is not; JAX's random number
+    generators then fail with a message that names no layer.
+    """
+    entries = math.prod(shape)
+    if entries > MAX_SIZE:
+        raise ValueError(
+            f"{layer} weights of shape {shape} would have {entries} entries, more than "
+            f"2**63 - 1, the largest array XLA supports; use fewer features"
+        )
+
+
 def _parameter_free(
     fn: Callable[[jax.Array], jax.Array], shape_fn=None, *, elementwise: bool = False
 ) -> Layer:
@@ -188,6 +202,7 @@ def dense(
                 f"dense expects a flat input (features,), got input shape {tuple(input_shape)}; "
                 "put flatten before it"
             )
+        _check_weight_size("dense", (input_shape[0], features))
         w_key, b_key = jax.random.split(key)
         params = {"w": w_init(w_key, (input_shape[0], features))}
         if use_bias:
@@ -214,8 +229,9 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
     return (size - kernel) // stride + 1
 
 
-def _check_input(x, w) -> None:
-    """Raise unless ``x`` is an NHWC batch with as many channels as the HWIO kernel ``w`` takes."""
+def _check_input(x, w, padding: str) -> None:
+    """Raise unless ``x`` is an NHWC batch with as many channels as the HWIO kernel ``w`` takes,
+    and, with VALID padding, at least as high and wide as the kernel."""
     if x.ndim != 4:
         raise ValueError(
             f"conv2d expects a batch of images (batch, height, width, channels), got input "
@@ -227,10 +243,17 @@ def _check_input(x, w) -> None:
             f"{tuple(x.shape)} has {x.shape[-1]} channels. Initialise the layer with the "
             "input's shape"
         )
+    kh, kw = w.shape[:2]
+    if padding == "VALID" and (x.shape[1] < kh or x.shape[2] < kw):
+        raise ValueError(
+            f"conv2d kernel {kh}x{kw} with VALID padding does not fit input "
+            f"{x.shape[1]}x{x.shape[2]} (input shape {tuple(x.shape)}); use padding='SAME' or "
+            "an input at least as large as the kernel"
+        )
 
 
 def _conv_xla(x, w, *, stride, padding):
-    _check_input(x, w)
+    _check_input(x, w, padding)
     return lax.conv_general_dilated(
         x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -428,7 +451,7 @@ def _conv_patches(x, w, *, stride, padding):
     ``lax.conv_general_dilated``'s. It uses no XLA convolution, whose weight gradient takes
     a slow path inside ``lax.scan``.
     """
-    _check_input(x, w)
+    _check_input(x, w, padding)
     kh, kw, _, _ = w.shape
     x, out_h, out_w = _pad_for_valid(x, kh, kw, stride, padding)
     return _conv_valid(x, w, stride, out_h, out_w)
@@ -512,6 +535,7 @@ def conv2d(
                 f"conv2d kernel {kh}x{kw} with VALID padding does not fit input {h}x{w}; "
                 "use padding='SAME' or a smaller kernel"
             )
+        _check_weight_size("conv2d", (kh, kw, cin, features))
         w_key, b_key = jax.random.split(key)
         params = {"w": w_init(w_key, (kh, kw, cin, features))}
         if use_bias:
@@ -554,7 +578,13 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
         return out_h, out_w, c
 
     def fn(x):
+        if x.ndim != 4:
+            raise ValueError(
+                f"pooling expects a batch of images (batch, height, width, channels), got "
+                f"input shape {tuple(x.shape)}"
+            )
         n, h, w, c = x.shape
+        shape_fn((h, w, c))
         if stride == window and (padding == "VALID" or (h % window == 0 and w % window == 0)):
             # Non-overlapping windows as a reshape: its gradient is far cheaper on CPU than
             # the select-and-scatter of reduce_window.
@@ -705,7 +735,7 @@ def _fused_conv_pool(conv: _ConvSpec, activations: Sequence[Callable], pool: _Po
 
     def run(conv_params, feedback_w, x):
         w = conv_params["w"]
-        _check_input(x, w)
+        _check_input(x, w, conv.padding)
         x, out_h, out_w = _pad_for_valid(x, conv.kh, conv.kw, 1, conv.padding)
         too_small = out_h < window or out_w < window
         if too_small or (pool.padding == "SAME" and (out_h % window or out_w % window)):

@@ -223,5 +223,8 @@ def test_input_narrower_than_pool_stays_unfused():
     block = nn.serial(*layers)
     params = _params(layers, (12, 12, 2), seed=6)
     x = _uniform(7, (1, 5, 5, 2))
-    assert block.apply(params, x).shape == (1, 0, 0, 4)
-    assert _one_by_one(layers, params, x).shape == (1, 0, 0, 4)
+    message = "pool window 2x2 with VALID padding does not fit input 1x1"
+    with pytest.raises(ValueError, match=message):
+        block.apply(params, x)
+    with pytest.raises(ValueError, match=message):
+        _one_by_one(layers, params, x)

@@ -221,6 +221,7 @@ def test_row_band_only_on_narrow_inputs(width):
     [
         ((2, 9, 9, 3), r"in_channels=1, but the input \(2, 9, 9, 3\) has 3 channels"),
         ((2, 81), r"batch of images .*\(2, 81\)"),
+        ((2, 3, 9, 1), r"kernel 5x5 with VALID padding does not fit input 3x9 .*'SAME'"),
     ],
 )
 def test_conv2d_apply_rejects_other_input(implementation, shape, message):
@@ -228,6 +229,25 @@ def test_conv2d_apply_rejects_other_input(implementation, shape, message):
     _, params = layer.init(KEY, (9, 9, 1))
     with pytest.raises(ValueError, match=message):
         layer.apply(params, jnp.ones(shape))
+
+
+def test_fused_serial_rejects_input_smaller_than_kernel():
+    layers = [nn.conv2d(3, 5, padding="VALID"), nn.relu, nn.max_pool(2)]
+    assert nn._fusion_at(layers, 0) is not None
+    block = nn.serial(*layers)
+    _, params = block.init(KEY, (12, 12, 1))
+    message = "kernel 5x5 with VALID padding does not fit input 4x4"
+    with pytest.raises(ValueError, match=message):
+        block.apply(params, jnp.ones((2, 4, 4, 1)))
+    with pytest.raises(ValueError, match=message):
+        jax.jit(block.apply)(params, jnp.ones((2, 4, 4, 1)))
+
+
+def test_pool_apply_rejects_other_input():
+    with pytest.raises(ValueError, match=r"pooling expects a batch of images .*\(2, 8, 8\)"):
+        nn.max_pool(2).apply((), jnp.ones((2, 8, 8)))
+    with pytest.raises(ValueError, match="pool window 3x3 with VALID padding does not fit"):
+        nn.avg_pool(3).apply((), jnp.ones((1, 2, 2, 1)))
 
 
 def test_dense(init_apply):
@@ -692,6 +712,18 @@ def test_dense_on_image_raises():
 def test_conv2d_on_flat_input_raises():
     with pytest.raises(ValueError, match=r"conv2d expects an image input.*\(64,\)"):
         nn.conv2d(3).init(KEY, (64,))
+
+
+@pytest.mark.parametrize(
+    "layer,input_shape,message",
+    [
+        (nn.dense(2**62), (3,), r"dense weights of shape \(3, 4611686018427387904\) would"),
+        (nn.conv2d(2**61, 3), (8, 8, 2), r"conv2d weights of shape \(3, 3, 2, 2305843009213693"),
+    ],
+)
+def test_weights_past_largest_array_raise(layer, input_shape, message):
+    with pytest.raises(ValueError, match=message + ".*use fewer features"):
+        layer.init(KEY, input_shape)
 
 
 def test_conv2d_valid_kernel_too_large_raises():
