@@ -47,6 +47,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from bpalt import data, losses, models, rules, train
+from bpalt.rules.base import check_positive
 
 GLOBAL_TRAINING = {
     "epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3,
@@ -119,17 +120,7 @@ class Comparison:
 
 
 def _positive(name: str, value, integer: bool) -> None:
-    kind = int if integer else (int, float)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kind)
-        or not value > 0
-        or not math.isfinite(value)
-    ):
-        expected = "a positive integer" if integer else "a positive number"
-        if not isinstance(value, bool) and isinstance(value, kind) and value > 0:
-            expected = "a finite positive number"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    check_positive(name, value, integer=integer)
 
 
 MAX_SEEDS = 1000
@@ -180,7 +171,8 @@ def validate_training(settings: dict[str, Any], where: str = "") -> None:
             _positive(prefix + key.replace("_", " "), settings[key], integer=True)
     if "learning_rate" in settings:
         _positive(prefix + "learning rate", settings["learning_rate"], integer=False)
-    if "optimizer" in settings and settings["optimizer"] not in OPTIMIZERS:
+    optimizer = settings.get("optimizer")
+    if "optimizer" in settings and not (isinstance(optimizer, str) and optimizer in OPTIMIZERS):
         raise ValueError(
             f"{prefix}unknown optimizer {settings['optimizer']!r}; "
             f"accepted: {', '.join(OPTIMIZERS)}"

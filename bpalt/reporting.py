@@ -55,13 +55,16 @@ def _final_records(records) -> dict[str, dict[int, dict]]:
 
 
 def _mean_cosine(records) -> float:
-    """Mean of every ``update_cosine/*`` value logged for a rule, over blocks, seeds and steps."""
-    values = [
-        v
-        for r in records
-        for k, v in r.items()
-        if k.startswith("update_cosine/") and v is not None
+    """Mean of the ``update_cosine/*`` values logged for a rule, over blocks, seeds and steps.
+
+    A record with a null cosine (a value that was not finite, as in a run that diverged) is
+    left out whole. Otherwise the blocks that stayed finite would stand in for those that
+    did not: feedback alignment's read-out alone always has a cosine of 1.
+    """
+    cosines = [
+        [v for k, v in r.items() if k.startswith("update_cosine/")] for r in records
     ]
+    values = [v for record in cosines if None not in record for v in record]
     return float(np.mean(values)) if values else math.nan
 
 

@@ -111,6 +111,19 @@ def test_closing_line_names_only_written_files(tmp_path, capsys):
     assert closing == f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png)"
 
 
+@pytest.mark.parametrize(
+    "text",
+    ['optimizer = ["adam"]\n', 'optimizer = {name = "adam"}\n',
+     'rules = ["fa"]\n[rule.fa]\noptimizer = ["adam"]\n'],
+)
+def test_config_rejects_optimizer_not_text(tmp_path, capsys, text):
+    status = _compare_with_config(tmp_path, text)
+
+    assert status == 2
+    assert "unknown optimizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_rejects_inf_learning_rate(tmp_path, capsys):
     status = _compare_with_config(tmp_path, "learning_rate = inf\n")
 

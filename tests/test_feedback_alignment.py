@@ -303,10 +303,20 @@ def test_zero_feedback_stops_hidden_gradients(mlp, mlp_params, mlp_backprop, ran
     )
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, "2"])
+@pytest.mark.parametrize("scale", [0.0, -1.0, "2", float("inf")])
 def test_bad_feedback_scale_raises(mlp, scale):
-    with pytest.raises(ValueError, match="feedback_scale must be a positive number"):
+    expected = "finite positive" if scale == float("inf") else "positive"
+    with pytest.raises(ValueError, match=f"feedback_scale must be a {expected} number"):
         rules.feedback_alignment(mlp, feedback_scale=scale)
+
+
+def test_numpy_scalar_hyperparameter_accepted(mlp):
+    rule = rules.feedback_alignment(mlp, feedback_scale=np.float32(0.5))
+    state = rule.init(jax.random.key(0), mlp.init(jax.random.key(1)))
+    reference = rules.feedback_alignment(mlp, feedback_scale=0.5)
+    expected = reference.init(jax.random.key(0), mlp.init(jax.random.key(1)))
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_feedback_init_raises(mlp):

@@ -319,6 +319,7 @@ def test_unformatted_accuracy_rejects_width_mismatch(cnn, cnn_params, digits_bat
         ({"sigma": 0.0}, "sigma must be a positive number"),
         ({"sigma_y": -1.0}, "sigma_y must be a positive number"),
         ({"beta": -2.0}, "beta must be a positive number"),
+        ({"beta": float("inf")}, "beta must be a finite positive number, got inf"),
         ({"estimator": "unbiased"}, "estimator must be one of 'normalized', 'plain'"),
         ({"mode": "greedy"}, "mode must be one of 'simultaneous', 'sequential'"),
         ({"readout": "never"}, "readout must be one of 'joint', 'after'"),

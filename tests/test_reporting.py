@@ -36,6 +36,27 @@ def _summary(records):
     return reporting.summary_markdown(reporting.summarize(records), None, "")
 
 
+def _diagnostics_record(rule, seed, step, **cosines):
+    return {"record": "diagnostics", "rule": rule, "seed": seed, "epoch": 0, "step": step,
+            **{f"update_cosine/{block}": value for block, value in cosines.items()}}
+
+
+def test_cosine_leaves_out_records_with_a_null_block():
+    # A diverged seed logs null for its hidden blocks while the read-out keeps a cosine of 1.
+    diverged = [_diagnostics_record("fa", 0, step, block0=None, block1=1.0) for step in (1, 2)]
+    finite = [_diagnostics_record("fa", 1, 1, block0=0.2, block1=0.6)]
+    epochs = [_epoch_record("fa", 0, 0, "diverged"), _epoch_record("fa", 1, 0)]
+
+    (row,) = reporting.summarize([*epochs, *diverged, *finite])
+    assert row["cosine"] == pytest.approx(0.4)
+
+    (row,) = reporting.summarize([*epochs[:1], *diverged])
+    assert np.isnan(row["cosine"])
+    line = next(x for x in _summary([*epochs[:1], *diverged]).splitlines() if "| fa" in x)
+    cells = [cell.strip() for cell in line.split("|")]
+    assert cells[6] == "n/a"
+
+
 def test_summary_without_held_out_measures():
     records = [_epoch_record(rule, seed, 0) for rule in ("bp", "hsic") for seed in (0, 1)]
 

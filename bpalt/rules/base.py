@@ -15,6 +15,8 @@ An update rule is an optax-style ``NamedTuple`` of pure functions:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,11 +43,16 @@ class UpdateRule(NamedTuple):
 
 
 def check_positive(name: str, value, *, integer: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive (integer) number."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        expected = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    """Raise ``ValueError`` unless ``value`` is a finite positive number, or with
+    ``integer=True`` a positive integer. NumPy scalars count; ``True`` and ``False`` do not."""
+    kind = numbers.Integral if integer else numbers.Real
+    is_number = isinstance(value, kind) and not isinstance(value, bool)
+    if is_number and value > 0 and (integer or math.isfinite(value)):
+        return
+    expected = "a positive integer" if integer else "a positive number"
+    if is_number and value > 0:
+        expected = "a finite positive number"
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def check_choice(name: str, value, choices) -> None:
