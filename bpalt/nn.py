@@ -159,6 +159,12 @@ feedback_linear.defvjp(_feedback_linear_fwd, _feedback_linear_bwd)
 
 
 def _matmul(x, w):
+    if x.shape[-1:] != w.shape[:1]:
+        raise ValueError(
+            f"dense weights {tuple(w.shape)} take a batch of shape (batch, {w.shape[0]}), got "
+            f"input shape {tuple(x.shape)}. Initialise the layer with the input's shape, and "
+            "put flatten before it for images"
+        )
     return x @ w
 
 
@@ -236,6 +242,10 @@ def _check_input(x, w, padding: str) -> None:
         raise ValueError(
             f"conv2d expects a batch of images (batch, height, width, channels), got input "
             f"shape {tuple(x.shape)}"
+        )
+    if min(x.shape[1:3]) < 1:
+        raise ValueError(
+            f"conv2d needs images at least 1 x 1, got input shape {tuple(x.shape)}"
         )
     if x.shape[-1] != w.shape[2]:
         raise ValueError(
@@ -528,6 +538,10 @@ def conv2d(
                 f"{tuple(input_shape)}"
             )
         h, w, cin = input_shape
+        if min(input_shape) < 1:
+            raise ValueError(
+                f"conv2d needs an input shape of positive sizes, got {tuple(input_shape)}"
+            )
         out_h = conv_output_size(h, kh, stride, padding)
         out_w = conv_output_size(w, kw, stride, padding)
         if out_h < 1 or out_w < 1:
@@ -878,6 +892,20 @@ def from_flax(module) -> Layer:
 # --- The network of blocks ---------------------------------------------------------------------
 
 
+def _input_shape(input_shape) -> Shape:
+    """Return ``input_shape`` as a tuple of Python ints, or raise ``ValueError`` unless it is
+    a non-empty sequence of positive integers."""
+    if isinstance(input_shape, np.ndarray) and input_shape.ndim == 1:
+        input_shape = tuple(input_shape.tolist())
+    is_sequence = isinstance(input_shape, (tuple, list)) and len(input_shape) > 0
+    if not (is_sequence and all(_is_count(d) and d <= MAX_SIZE for d in input_shape)):
+        raise ValueError(
+            f"input_shape must be the shape of one example as positive integers, such as "
+            f"(8, 8, 1) for 8 x 8 grey images, got {input_shape!r}"
+        )
+    return tuple(int(d) for d in input_shape)
+
+
 AUTO_BATCH_CHUNKS = 4
 """Chunks of ``batch_chunks="auto"``. LeNet's step at batch 128 took 0.80 of one chain's time
 in 4 chunks, 0.86 in 2 and 0.84 in 8 (medians of per-round ratios, one process)."""
@@ -931,7 +959,7 @@ class Network:
                 )
             batch_chunks = int(batch_chunks)
         self.blocks = blocks
-        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_shape = _input_shape(input_shape)
         self.batch_chunks = batch_chunks
         self.block_shapes = self._shapes()
 

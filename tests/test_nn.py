@@ -726,6 +726,45 @@ def test_weights_past_largest_array_raise(layer, input_shape, message):
         layer.init(KEY, input_shape)
 
 
+@pytest.mark.parametrize("input_shape", [(8.5, 8, 1), (8, 8, 1.0), (0, 0, 1), (-8, 8, 1), (),
+                                         None, "abc"])
+def test_network_rejects_bad_input_shape(input_shape):
+    block = nn.serial(nn.conv2d(2, 3), nn.flatten, nn.dense(3))
+    with pytest.raises(ValueError, match=r"input_shape must be the shape of one example as "
+                                         r"positive integers, such as \(8, 8, 1\)"):
+        nn.Network([block], input_shape)
+
+
+def test_network_takes_input_shape_as_any_integer_sequence():
+    block = nn.serial(nn.conv2d(2, 3), nn.flatten, nn.dense(3))
+    for input_shape in ([8, 8, 1], np.array([8, 8, 1]), (np.int64(8), 8, np.uint8(1))):
+        network = nn.Network([block], input_shape)
+        assert network.input_shape == (8, 8, 1)
+        assert all(type(d) is int for d in network.input_shape)
+
+
+@pytest.mark.parametrize("input_shape", [(0, 0, 1), (-8, 8, 1), (8, 8, 0)])
+def test_conv2d_init_rejects_non_positive_sizes(input_shape):
+    with pytest.raises(ValueError, match=r"conv2d needs an input shape of positive sizes"):
+        nn.conv2d(3, padding="SAME").init(KEY, input_shape)
+
+
+def test_conv2d_apply_rejects_images_without_pixels():
+    layer = nn.conv2d(4, 3, padding="SAME")
+    _, params = layer.init(KEY, (8, 8, 1))
+    with pytest.raises(ValueError, match=r"at least 1 x 1, got input shape \(2, 0, 0, 1\)"):
+        layer.apply(params, jnp.ones((2, 0, 0, 1)))
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (2,)])
+def test_dense_apply_rejects_other_feature_count(shape):
+    layer = nn.dense(3)
+    _, params = layer.init(KEY, (5,))
+    with pytest.raises(ValueError, match=r"dense weights \(5, 3\) take a batch of shape "
+                                         r"\(batch, 5\), got input shape"):
+        layer.apply(params, jnp.ones(shape))
+
+
 def test_conv2d_valid_kernel_too_large_raises():
     with pytest.raises(ValueError, match="kernel 5x5 with VALID padding does not fit input 4x4"):
         nn.conv2d(3, 5, padding="VALID").init(KEY, (4, 4, 1))
