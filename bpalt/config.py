@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -48,6 +49,8 @@ else:  # pragma: no cover
 
 from bpalt import data, losses, models, rules, train
 from bpalt.rules.base import check_positive
+
+logger = logging.getLogger(__name__)
 
 GLOBAL_TRAINING = {
     "epochs": 40, "batch_size": 64, "optimizer": "adam", "learning_rate": 3e-3,
@@ -371,8 +374,17 @@ def make_comparison(
     losses.get(merged.get("loss", "cross_entropy"))
 
     rule_settings = merged.get("rule", {})
+    selected = with_baselines(_rule_names(merged.get("rules", list(rules.names()))))
+    unused = [name for name in rule_settings if name not in selected]
+    if unused:
+        # A file may hold tables for every rule while --rules picks a few, so this warns.
+        logger.warning(
+            "settings of [rule.%s] not used: %s not among this run's rules (%s)",
+            "], [rule.".join(unused), "they are" if len(unused) > 1 else "it is",
+            ", ".join(selected),
+        )
     return Comparison(
-        rules=with_baselines(_rule_names(merged.get("rules", list(rules.names())))),
+        rules=selected,
         dataset=dataset,
         data_dir=None if merged.get("data_dir") is None else str(merged["data_dir"]),
         model=_model_table(merged.get("model", "digits_cnn")),
@@ -403,6 +415,10 @@ def _check_values(settings: dict[str, Any]) -> None:
         _check_diagnostics_every(settings["diagnostics_every"])
     if "model" in settings:
         _model_table(settings["model"])
+    for key, example in (("dataset", "'digits'"), ("data_dir", "'data/mnist'"),
+                         ("loss", "'cross_entropy'")):
+        if key in settings and not isinstance(settings[key], (str, os.PathLike)):
+            raise ValueError(f"{key} must be text such as {example}, got {settings[key]!r}")
 
 
 def _rule_names(value) -> tuple[str, ...]:

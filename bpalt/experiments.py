@@ -489,7 +489,9 @@ def compare(
         # Build every rule first, so that a bad hyperparameter is reported before anything
         # trains.
         try:
-            rules.get(spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters)
+            rule = rules.get(
+                spec.rule, network, losses.get(comparison.loss), **spec.hyperparameters
+            )
         except ValueError as error:
             # A baseline runs without being asked for: name the rule that brought it.
             beside = [
@@ -503,6 +505,7 @@ def compare(
             if spec.hyperparameters:
                 error = f"[rule.{spec.rule}]: {error}"
             raise ValueError(str(error)) from None
+        _check_batch_size(rule, network, spec, dataset)
     prepare_output(out, comparison.to_json())
     if command:
         checkpoint.write_atomic(out / "command.txt", command + "\n")
@@ -539,6 +542,27 @@ def compare(
                 )
 
     return reporting.render(out, command=command)
+
+
+def _check_batch_size(rule, network, spec: config.RunSpec, dataset) -> None:
+    """Trace one update of ``rule`` at the run's batch size, without computing it.
+
+    A rule that cannot take that batch (HSIC needs two examples) then fails before any rule
+    trains, rather than after the others have. Only ``ValueError``, the rules' error for bad
+    input, stops the comparison here; any other error is recorded when the rule runs.
+    """
+    params = jax.eval_shape(network.init, jax.random.key(0))
+    state = jax.eval_shape(rule.init, jax.random.key(0), params)
+    batch = (
+        jax.ShapeDtypeStruct((spec.batch_size, *dataset.input_shape), dataset.x_train.dtype),
+        jax.ShapeDtypeStruct((spec.batch_size,), dataset.y_train.dtype),
+    )
+    try:
+        jax.eval_shape(rule.update, state, params, batch, jax.random.key(1))
+    except ValueError as error:
+        raise ValueError(f"rule {spec.rule!r} at batch size {spec.batch_size}: {error}") from None
+    except Exception:  # noqa: BLE001 - recorded as the rule's failure when it runs
+        return
 
 
 def _drop_epochs_after_checkpoints(out: Path, log: ResultsLog, pending, seeds) -> None:

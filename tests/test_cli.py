@@ -124,6 +124,19 @@ def test_config_rejects_optimizer_not_text(tmp_path, capsys, text):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("data_dir = 5\n", "data_dir must be text such as 'data/mnist', got 5"),
+     ("dataset = 3\n", "dataset must be text such as 'digits', got 3"),
+     ('loss = ["mse"]\n', "loss must be text such as 'cross_entropy', got ['mse']")],
+)
+def test_config_rejects_names_that_are_not_text(tmp_path, capsys, text, message):
+    status = _compare_with_config(tmp_path, text)
+
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
 def test_config_rejects_inf_learning_rate(tmp_path, capsys):
     status = _compare_with_config(tmp_path, "learning_rate = inf\n")
 
@@ -165,6 +178,24 @@ def test_config_seed_list_kept():
     comparison = config.make_comparison({"rules": ["bp"], "seeds": [4, 7]}, {})
 
     assert comparison.seeds == (4, 7)
+
+
+def test_rule_tables_of_unselected_rules_warned(caplog):
+    from bpalt import config
+
+    settings = {"rule": {"fa": {"feedback_scale": 0.5}, "dfa": {}, "hsic": {"beta": 2.0}}}
+    with caplog.at_level("WARNING", logger="bpalt.config"):
+        comparison = config.make_comparison({**settings, "rules": ["hsic"]}, {})
+
+    assert comparison.rules == ("hsic", "random_features")
+    assert caplog.messages == [
+        "settings of [rule.fa], [rule.dfa] not used: they are not among this run's rules "
+        "(hsic, random_features)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bpalt.config"):
+        config.make_comparison({**settings, "rules": ["fa", "dfa", "hsic"]}, {})
+    assert caplog.messages == []
 
 
 def test_unknown_model_key_lists_accepted(tmp_path, capsys):

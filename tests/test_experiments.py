@@ -71,6 +71,41 @@ def test_diverged_run_recorded_others_finish(tmp_path):
     assert "diverged at epoch 0" in (out / "summary.md").read_text()
 
 
+def test_batch_a_rule_cannot_take_rejected_before_training(tmp_path):
+    out = tmp_path / "run"
+    message = "rule 'hsic' at batch size 1: HSIC needs a batch of at least 2 examples"
+    with pytest.raises(ValueError, match=message):
+        _compare(out, 1, rules=["bp", "hsic"], rule={"hsic": {"batch_size": 1}})
+    assert not out.exists()
+
+
+def test_rule_failing_in_training_recorded_others_finish(tmp_path, monkeypatch):
+    from bpalt.rules import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TRAINING", dict(registry._TRAINING))
+
+    @rules.register("broken_for_test")
+    def broken(network, loss="cross_entropy"):
+        rule = rules.backprop(network, loss)
+
+        def update(state, params, batch, key):
+            raise RuntimeError("update exploded")
+
+        return rule._replace(update=update)
+
+    out = tmp_path / "run"
+    rows = _compare(out, 1, diagnostics_every=0, rules=["broken_for_test", "bp"])
+
+    records = _records(out)
+    assert {(r["rule"], r["status"]) for r in records} == {
+        ("broken_for_test", "failed"), ("bp", "finished")
+    }
+    failed = [r for r in records if r["rule"] == "broken_for_test"]
+    assert [r["error"] for r in failed] == ["RuntimeError: update exploded"] * 2
+    assert {row["rule"]: row["statuses"] for row in rows}["broken_for_test"] == {"failed": 2}
+
+
 def test_results_one_line_per_rule_seed_epoch(tmp_path):
     out = tmp_path / "run"
     _compare(out, 2)
