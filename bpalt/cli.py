@@ -48,16 +48,25 @@ class InterruptFlag:
 
 
 def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--epochs", type=positive_int, help="epochs per run (default 40)")
+    # Unset options keep each rule's registered training settings (bpalt.rules).
+    parser.add_argument(
+        "--epochs", type=positive_int,
+        help="epochs per run (default: each rule's registered setting)",
+    )
     parser.add_argument(
         "--seeds", type=positive_int, help="number of seeds per rule, 0..N-1 (default 3)"
     )
-    parser.add_argument("--batch-size", type=positive_int, help="examples per step (default 64)")
     parser.add_argument(
-        "--optimizer", help="adam, adamw, sgd, momentum or rmsprop (default adam)"
+        "--batch-size", type=positive_int,
+        help="examples per step (default: each rule's registered setting)",
     )
     parser.add_argument(
-        "--learning-rate", type=positive_float, help="optimizer step size (default 3e-3)"
+        "--optimizer",
+        help="adam, adamw, sgd, momentum or rmsprop (default: each rule's registered setting)",
+    )
+    parser.add_argument(
+        "--learning-rate", type=positive_float,
+        help="optimizer step size (default: each rule's registered setting)",
     )
     parser.add_argument(
         "--seed-loop",

@@ -620,7 +620,14 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
 
 
 def max_pool(window: int = 2, stride: int | None = None, padding: str = "VALID") -> Layer:
-    """Max pooling over ``window x window`` patches; ``stride`` defaults to ``window``."""
+    """Max pooling over ``window x window`` patches; ``stride`` defaults to ``window``.
+
+    NOTE: on XLA:CPU (jaxlib 0.10.2) max reductions over larger arrays skip NaN: for
+    (32, 8, 8, 16) inputs, a window with one NaN gave the largest of its other entries and a
+    window of NaN only gave -inf, while (2, 4, 4, 16) inputs gave NaN. NaN inputs can thus
+    come out of a network as finite logits. The file loaders of ``bpalt.data`` reject NaN;
+    check other inputs with ``jnp.isfinite``.
+    """
     return _pool("max", window, stride, padding)
 
 
