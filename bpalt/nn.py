@@ -1076,6 +1076,16 @@ class Network:
         ``apply``, ``forward`` and ``feedback_apply`` call it while tracing, where shapes
         are static, so it costs nothing in a compiled step.
         """
+        if not hasattr(x, "ndim"):
+            raise ValueError(
+                f"expected an array of shape (batch, *{self.input_shape}), got "
+                f"{type(x).__name__}; convert it with jnp.asarray"
+            )
+        if jnp.iscomplexobj(x):
+            raise ValueError(
+                f"expected real inputs, got dtype {x.dtype}; pass the real part or the "
+                "magnitude as float32"
+            )
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(
                 f"expected a non-empty batch of shape (batch, *{self.input_shape}), got an "

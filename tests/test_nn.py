@@ -813,6 +813,15 @@ def test_wrong_input_shape_rejected():
              (x, jnp.zeros(2, jnp.int32)), jax.random.key(2))
 
 
+def test_network_rejects_list_and_complex_inputs():
+    network = models.digits_cnn(channels=(4, 8))
+    params = network.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="got list; convert it with jnp.asarray"):
+        network.apply(params, np.zeros((2, 8, 8, 1)).tolist())
+    with pytest.raises(ValueError, match="expected real inputs, got dtype complex64"):
+        network.apply(params, jnp.zeros((2, 8, 8, 1), jnp.complex64))
+
+
 @pytest.mark.parametrize("shape", [(0, 8, 8, 1), ()])
 def test_empty_batch_rejected(shape):
     network = models.digits_cnn(channels=(4, 8))

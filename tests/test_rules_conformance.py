@@ -160,6 +160,19 @@ def test_loss_falls(name, network, params, batches):
 # --- The registry ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_update_rejects_batch_not_a_pair(name, network, params, batches):
+    rule = rules.get(name, network)
+    state = rule.init(jax.random.key(0), params)
+    x, y = batches[0]
+    for batch, described in (
+        (x[:2], r"an array of shape \(2, 8, 8, 1\)"),
+        ((x, y, y), "a tuple of 3 items"),
+    ):
+        with pytest.raises(ValueError, match=rf"batch must be a pair \(x, y\).*got {described}"):
+            jax.jit(rule.update)(state, params, batch, jax.random.key(1))
+
+
 def test_registry_has_core_rules():
     assert {"bp", "fa", "dfa"} <= set(NAMES)
 

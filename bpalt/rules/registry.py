@@ -115,11 +115,47 @@ def _checked(constructor: Callable[..., UpdateRule], name: str) -> Callable[...,
                 f"accepted: {', '.join(accepted) or 'none'}"
             )
         if loss is None:
-            return constructor(network, *args, **hyperparameters)
-        return constructor(network, losses.get(loss), *args, **hyperparameters)
+            rule = constructor(network, *args, **hyperparameters)
+        else:
+            rule = constructor(network, losses.get(loss), *args, **hyperparameters)
+        return rule._replace(update=_pair_checked(rule.update))
 
     build._checked_rule = True
     return build
+
+
+def check_batch(batch) -> None:
+    """Raise ``ValueError`` unless ``batch`` is a pair ``(x, y)``.
+
+    A bare array of two examples would otherwise unpack into ``x`` and ``y`` without an
+    error, and any other bare array would fail with a message about unpacking.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return
+    if isinstance(batch, (tuple, list)):
+        described = f"a {type(batch).__name__} of {len(batch)} items"
+    elif getattr(batch, "shape", None) is not None:
+        described = f"an array of shape {tuple(batch.shape)}"
+    else:
+        described = type(batch).__name__
+    raise ValueError(
+        f"batch must be a pair (x, y) of inputs (batch, *input_shape) and labels (batch,), "
+        f"got {described}; pass (x, y)"
+    )
+
+
+def _pair_checked(update):
+    """Wrap ``update(state, params, batch, key)`` so that it checks ``batch`` first."""
+    if getattr(update, "_checks_batch", False):
+        return update
+
+    @functools.wraps(update)
+    def checked(state, params, batch, key):
+        check_batch(batch)
+        return update(state, params, batch, key)
+
+    checked._checks_batch = True
+    return checked
 
 
 def _unchecked(constructor: Callable[..., UpdateRule]) -> Callable[..., UpdateRule]:
