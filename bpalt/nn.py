@@ -81,6 +81,21 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def _layer_input_shape(layer: str, input_shape, expected: str) -> tuple[int, ...]:
+    """Return ``input_shape`` as Python ints, or raise unless its sizes are positive integers.
+
+    ``expected`` names the shape the layer takes, such as ``"(height, width, channels)"``;
+    its number of entries is the rank the layer needs.
+    """
+    rank = len([name for name in expected.strip("()").split(",") if name.strip()])
+    shape = tuple(input_shape)
+    if len(shape) != rank or not all(_is_count(d) for d in shape):
+        raise ValueError(
+            f"{layer} takes an input shape {expected} of positive integers, got {shape}"
+        )
+    return tuple(int(d) for d in shape)
+
+
 def _check_weight_size(layer: str, shape: tuple[int, ...]) -> None:
     """Raise unless a weight array of ``shape`` has at most ``MAX_SIZE`` entries.
 
@@ -208,9 +223,10 @@ def dense(
                 f"dense expects a flat input (features,), got input shape {tuple(input_shape)}; "
                 "put flatten before it"
             )
-        _check_weight_size("dense", (input_shape[0], features))
+        (fan_in,) = _layer_input_shape("dense", input_shape, "(features,)")
+        _check_weight_size("dense", (fan_in, features))
         w_key, b_key = jax.random.split(key)
-        params = {"w": w_init(w_key, (input_shape[0], features))}
+        params = {"w": w_init(w_key, (fan_in, features))}
         if use_bias:
             params["b"] = b_init(b_key, (features,))
         return (features,), params
@@ -537,11 +553,7 @@ def conv2d(
                 f"conv2d expects an image input (height, width, channels), got input shape "
                 f"{tuple(input_shape)}"
             )
-        h, w, cin = input_shape
-        if min(input_shape) < 1:
-            raise ValueError(
-                f"conv2d needs an input shape of positive sizes, got {tuple(input_shape)}"
-            )
+        h, w, cin = _layer_input_shape("conv2d", input_shape, "(height, width, channels)")
         out_h = conv_output_size(h, kh, stride, padding)
         out_w = conv_output_size(w, kw, stride, padding)
         if out_h < 1 or out_w < 1:
@@ -572,7 +584,7 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
         raise ValueError(f"pool padding must be 'SAME' or 'VALID', got {padding!r}")
 
     def shape_fn(input_shape):
-        h, w, c = input_shape
+        h, w, c = _layer_input_shape("pooling", input_shape, "(height, width, channels)")
         out_h = conv_output_size(h, window, stride, padding)
         out_w = conv_output_size(w, window, stride, padding)
         if out_h < 1 or out_w < 1:
@@ -622,9 +634,9 @@ def _pool(reduce: str, window: int, stride: int | None, padding: str) -> Layer:
 def max_pool(window: int = 2, stride: int | None = None, padding: str = "VALID") -> Layer:
     """Max pooling over ``window x window`` patches; ``stride`` defaults to ``window``.
 
-    NOTE: on XLA:CPU (jaxlib 0.10.2) max reductions over larger arrays skip NaN: for
-    (32, 8, 8, 16) inputs, a window with one NaN gave the largest of its other entries and a
-    window of NaN only gave -inf, while (2, 4, 4, 16) inputs gave NaN. NaN inputs can thus
+    NOTE: on XLA:CPU (jaxlib 0.10.2) max reductions over larger arrays skip NaN. For
+    (32, 8, 8, 16) inputs, a window with one NaN gave the largest of its other entries, and
+    a window of NaN only gave -inf. (2, 4, 4, 16) inputs gave NaN. NaN inputs can thus
     come out of a network as finite logits. The file loaders of ``bpalt.data`` reject NaN;
     check other inputs with ``jnp.isfinite``.
     """
@@ -757,6 +769,8 @@ def _fused_conv_pool(conv: _ConvSpec, activations: Sequence[Callable], pool: _Po
     def run(conv_params, feedback_w, x):
         w = conv_params["w"]
         _check_input(x, w, conv.padding)
+        if x.shape[0] == 0:
+            return None
         x, out_h, out_w = _pad_for_valid(x, conv.kh, conv.kw, 1, conv.padding)
         too_small = out_h < window or out_w < window
         if too_small or (pool.padding == "SAME" and (out_h % window or out_w % window)):
@@ -1085,6 +1099,11 @@ class Network:
             raise ValueError(
                 f"expected real inputs, got dtype {x.dtype}; pass the real part or the "
                 "magnitude as float32"
+            )
+        if tuple(x.shape) == self.input_shape:
+            raise ValueError(
+                f"expected a batch of shape (batch, *{self.input_shape}), got one example of "
+                f"shape {tuple(x.shape)} without the batch axis; pass x[None]"
             )
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(

@@ -87,6 +87,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rule, rule_records in by_rule.items():
         ends = list(final[rule].values())
         ok = [r for r in ends if r["status"] == "finished"]
+        # Seeds that diverged or failed: their diagnostics describe a broken run.
+        stopped = {r["seed"] for r in ends if r["status"] in ("diverged", "failed")}
         accuracies = [100 * r["test_accuracy"] for r in ok]
         epochs = [r for r in rule_records if r["epoch"] >= 1 and "epoch_seconds" in r]
         timing = epochs or [r for r in rule_records if "epoch_seconds" in r]
@@ -101,7 +103,9 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_loss": _mean_or_nan([r.get("train_loss") for r in ok]),
                 "epoch_seconds": _median_or_nan([r["epoch_seconds"] for r in timing]),
                 "ms_per_step": _median_or_nan([r["ms_per_step"] for r in timing]),
-                "cosine": _mean_cosine([r for r in diagnosed if r["rule"] == rule]),
+                "cosine": _mean_cosine(
+                    [r for r in diagnosed if r["rule"] == rule and r["seed"] not in stopped]
+                ),
                 "statuses": dict(statuses),
                 "diverged_epochs": sorted(r["epoch"] for r in ends if r["status"] == "diverged"),
                 "errors": sorted({r["error"] for r in ends if r.get("error")}),

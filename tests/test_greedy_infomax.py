@@ -121,12 +121,21 @@ def test_dense_hidden_block_rejected():
         ({"num_negatives": 0}, "num_negatives must be a positive integer"),
         ({"predictor_learning_rate": 0.0}, "predictor_learning_rate must be a positive"),
         ({"skip": -1}, "skip must be a non-negative integer"),
-        ({"prediction_steps": [1, 1, 1]}, "one value per hidden block \\(2\\)"),
+        ({"prediction_steps": [1, 1, 1]}, "one integer per hidden block \\(2\\)"),
+        ({"prediction_steps": 1.0}, "prediction_steps must be an integer or a list"),
+        ({"skip": 0.0}, "skip must be an integer or a list"),
     ],
 )
 def test_constructor_rejects_invalid_hyperparameters(cnn, kwargs, message):
     with pytest.raises(ValueError, match=message):
         rules.get("gim", cnn, **kwargs)
+
+
+def test_numpy_integer_offsets_equal_python_ones(cnn):
+    numpy_grids = fit_module_grids(cnn, np.int64(1), np.int64(0))
+    assert numpy_grids == fit_module_grids(cnn, 1, 0)
+    assert all(type(g.skip) is int and type(g.prediction_steps) is int for g in numpy_grids)
+    rules.get("gim", cnn, predictor_learning_rate=np.uint8(2))
 
 
 def test_module_loss_gradient_is_local(cnn, cnn_params, digits_batch):

@@ -324,6 +324,7 @@ def test_unformatted_accuracy_rejects_width_mismatch(cnn, cnn_params, digits_bat
         ({"mode": "greedy"}, "mode must be one of 'simultaneous', 'sequential'"),
         ({"readout": "never"}, "readout must be one of 'joint', 'after'"),
         ({"hsic_steps": 0}, "hsic_steps must be a positive integer"),
+        ({"standardize": 0}, "standardize must be True or False, got 0"),
     ],
 )
 def test_constructor_rejects_invalid_hyperparameters(cnn, kwargs, message):

@@ -743,10 +743,22 @@ def test_network_takes_input_shape_as_any_integer_sequence():
         assert all(type(d) is int for d in network.input_shape)
 
 
-@pytest.mark.parametrize("input_shape", [(0, 0, 1), (-8, 8, 1), (8, 8, 0)])
-def test_conv2d_init_rejects_non_positive_sizes(input_shape):
-    with pytest.raises(ValueError, match=r"conv2d needs an input shape of positive sizes"):
-        nn.conv2d(3, padding="SAME").init(KEY, input_shape)
+@pytest.mark.parametrize(
+    "layer,input_shape,message",
+    [
+        (nn.conv2d(3, padding="SAME"), (0, 0, 1), r"conv2d takes an input shape \(height, "),
+        (nn.conv2d(3, padding="SAME"), (-8, 8, 1), "conv2d takes"),
+        (nn.conv2d(3, padding="SAME"), (8.5, 8, 1), "conv2d takes"),
+        (nn.max_pool(2), (8, 8, 0), "pooling takes"),
+        (nn.avg_pool(2), (8.0, 8, 1), "pooling takes"),
+        (nn.max_pool(2), (8, 8), "pooling takes"),
+        (nn.dense(5), (0,), r"dense takes an input shape \(features,\) of positive"),
+        (nn.dense(5), (True,), "dense takes"),
+    ],
+)
+def test_layer_init_rejects_bad_sizes(layer, input_shape, message):
+    with pytest.raises(ValueError, match=message):
+        layer.init(KEY, input_shape)
 
 
 def test_conv2d_apply_rejects_images_without_pixels():
@@ -811,6 +823,25 @@ def test_wrong_input_shape_rejected():
     with pytest.raises(ValueError, match=message):
         step(params, rule.init(jax.random.key(1), params), optimizer.init(params),
              (x, jnp.zeros(2, jnp.int32)), jax.random.key(2))
+
+
+def test_network_names_a_missing_batch_axis():
+    network = models.digits_cnn(channels=(4, 8))
+    params = network.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"one example of shape \(8, 8, 1\) without the batch "
+                                         r"axis; pass x\[None\]"):
+        network.apply(params, jnp.zeros((8, 8, 1)))
+
+
+def test_fused_block_on_empty_batch_matches_layers():
+    layers = [nn.conv2d(4, 5, padding="VALID"), nn.relu, nn.max_pool(2)]
+    block = nn.serial(*layers)
+    _, params = block.init(KEY, (12, 12, 1))
+    x = jnp.zeros((0, 12, 12, 1))
+    one_by_one = x
+    for layer, layer_params in zip(layers, params):
+        one_by_one = layer.apply(layer_params, one_by_one)
+    assert block.apply(params, x).shape == one_by_one.shape == (0, 4, 4, 4)
 
 
 def test_network_rejects_list_and_complex_inputs():

@@ -41,13 +41,20 @@ def _diagnostics_record(rule, seed, step, **cosines):
             **{f"update_cosine/{block}": value for block, value in cosines.items()}}
 
 
-def test_cosine_leaves_out_records_with_a_null_block():
-    # A diverged seed logs null for its hidden blocks while the read-out keeps a cosine of 1.
-    diverged = [_diagnostics_record("fa", 0, step, block0=None, block1=1.0) for step in (1, 2)]
-    finite = [_diagnostics_record("fa", 1, 1, block0=0.2, block1=0.6)]
+def test_cosine_leaves_out_diverged_seeds_and_null_records():
+    # Seed 0 diverged after a finite first step; seed 1 finished, but one of its records
+    # has a null block while the read-out block keeps a cosine of 1.
+    diverged = [
+        _diagnostics_record("fa", 0, 1, block0=0.9, block1=0.9),
+        _diagnostics_record("fa", 0, 2, block0=None, block1=1.0),
+    ]
+    finished = [
+        _diagnostics_record("fa", 1, 1, block0=0.2, block1=0.6),
+        _diagnostics_record("fa", 1, 2, block0=None, block1=1.0),
+    ]
     epochs = [_epoch_record("fa", 0, 0, "diverged"), _epoch_record("fa", 1, 0)]
 
-    (row,) = reporting.summarize([*epochs, *diverged, *finite])
+    (row,) = reporting.summarize([*epochs, *diverged, *finished])
     assert row["cosine"] == pytest.approx(0.4)
 
     (row,) = reporting.summarize([*epochs[:1], *diverged])

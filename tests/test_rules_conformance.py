@@ -173,6 +173,20 @@ def test_update_rejects_batch_not_a_pair(name, network, params, batches):
             jax.jit(rule.update)(state, params, batch, jax.random.key(1))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_update_checks_inputs_and_label_count(name, network, params, batches):
+    rule = rules.get(name, network)
+    state = rule.init(jax.random.key(0), params)
+    x, y = batches[0]
+    cases = (
+        ((np.asarray(x).tolist(), y), "got list; convert it with jnp.asarray"),
+        ((x[:8], y[:4]), r"the batch has 8 inputs but labels of shape \(4,\)"),
+    )
+    for batch, message in cases:
+        with pytest.raises(ValueError, match=message):
+            rule.update(state, params, batch, jax.random.key(1))
+
+
 def test_registry_has_core_rules():
     assert {"bp", "fa", "dfa"} <= set(NAMES)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -54,14 +55,15 @@ class ModuleGrid(NamedTuple):
 
 
 def _per_block(value, count: int, name: str) -> list:
-    if value is None or isinstance(value, int):
+    """One value per hidden block from ``None``, one integer, or a sequence of ``count``."""
+    if value is None or isinstance(value, numbers.Integral):
         return [value] * count
-    value = list(value)
-    if len(value) != count:
+    if not isinstance(value, (list, tuple)) or len(value) != count:
         raise ValueError(
-            f"{name} must be an integer or one value per hidden block ({count}), got {value!r}"
+            f"{name} must be an integer or a list of one integer per hidden block ({count}), "
+            f"got {value!r}"
         )
-    return value
+    return list(value)
 
 
 def fit_module_grids(
@@ -98,9 +100,12 @@ def fit_module_grids(
             block_skip = min(PAPER_SKIP, rows - 2)
         if steps is None:
             steps = min(PAPER_PREDICTION_STEPS, rows - 1 - block_skip)
-        if isinstance(block_skip, bool) or not isinstance(block_skip, int) or block_skip < 0:
+        is_integer = isinstance(block_skip, numbers.Integral) and not isinstance(block_skip, bool)
+        if not is_integer or block_skip < 0:
             raise ValueError(f"skip must be a non-negative integer, got {block_skip!r}")
+        block_skip = int(block_skip)
         check_positive("prediction_steps", steps, integer=True)
+        steps = int(steps)
         if steps + block_skip >= rows:
             raise ValueError(
                 f"prediction_steps={steps} with skip={block_skip} needs offsets up to "
@@ -228,7 +233,8 @@ def greedy_infomax(
         network, prediction_steps, skip, num_negatives, predictor_learning_rate
     )
     names = network.block_names[:-1]
-    predictor_optimizer = optax.adam(predictor_learning_rate)
+    # float(): optax negates the rate, which wraps around in an unsigned NumPy type.
+    predictor_optimizer = optax.adam(float(predictor_learning_rate))
 
     def objective(params, predictors, batch, key):
         x, y = batch

@@ -352,7 +352,9 @@ def hsic_bottleneck(
     for name, value in (("sigma_x", sigma_x), ("sigma_y", sigma_y)):
         if value is not None:
             check_positive(name, value)
-    check_choice("standardize", standardize, (True, False))
+    if not isinstance(standardize, (bool, np.bool_)):
+        # check_choice compares by equality, and 0 == False.
+        raise ValueError(f"standardize must be True or False, got {standardize!r}")
     check_choice("mode", mode, MODES)
     check_choice("readout", readout, READOUTS)
 

@@ -118,7 +118,7 @@ def _checked(constructor: Callable[..., UpdateRule], name: str) -> Callable[...,
             rule = constructor(network, *args, **hyperparameters)
         else:
             rule = constructor(network, losses.get(loss), *args, **hyperparameters)
-        return rule._replace(update=_pair_checked(rule.update))
+        return rule._replace(update=_pair_checked(rule.update, network))
 
     build._checked_rule = True
     return build
@@ -144,14 +144,26 @@ def check_batch(batch) -> None:
     )
 
 
-def _pair_checked(update):
-    """Wrap ``update(state, params, batch, key)`` so that it checks ``batch`` first."""
+def _pair_checked(update, network: Network):
+    """Wrap ``update(state, params, batch, key)`` so that it checks ``batch`` first.
+
+    Some rules read the inputs' shape before they run the network, so the network's own
+    check of the inputs (``Network.check_input``) runs here too.
+    """
     if getattr(update, "_checks_batch", False):
         return update
 
     @functools.wraps(update)
     def checked(state, params, batch, key):
         check_batch(batch)
+        x, y = batch
+        network.check_input(x)
+        labels = getattr(y, "shape", (None,))[:1]
+        if labels != x.shape[:1]:
+            raise ValueError(
+                f"the batch has {x.shape[0]} inputs but labels of shape "
+                f"{tuple(getattr(y, 'shape', ()))}; pass one label per input"
+            )
         return update(state, params, batch, key)
 
     checked._checks_batch = True
