@@ -679,6 +679,12 @@ def step_times(workload: Workload, settings: Settings, batch, log) -> dict[str, 
     return {"rows": rows, "skipped": skipped}
 
 
+def _measured_parts(name: str, seed_rules, epoch_rules) -> str:
+    """``"seeds"``, ``"epoch"`` or ``"seeds and epoch"``: what is measured of rule ``name``."""
+    chosen = (("seeds", name in seed_rules), ("epoch", name in epoch_rules))
+    return " and ".join(part for part, measured in chosen if measured)
+
+
 def seeds_and_epoch(workload: Workload, settings: Settings, x, y, log) -> dict[str, Any]:
     """Time several seeds against one seed, and an epoch against steps x step time."""
     network = workload.build()
@@ -687,7 +693,7 @@ def seeds_and_epoch(workload: Workload, settings: Settings, x, y, log) -> dict[s
     epoch_rules = settings.epoch_rules if settings.epochs > 0 else ()
     results = {"seeds": [], "epochs": [], "skipped": {}}
     for name in dict.fromkeys((*seed_rules, *epoch_rules)):
-        log(f"  {workload.name}: seeds and epoch of rule {name}")
+        log(f"  {workload.name}: {_measured_parts(name, seed_rules, epoch_rules)} of rule {name}")
         try:
             rule = rules.get(name, network, **rule_kwargs(name, settings))
             optimizer = optax.adam(LEARNING_RATE)

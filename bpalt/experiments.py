@@ -163,14 +163,25 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            logger.warning("skipping unreadable line %d of %s", number, path)
+            _warn_once(path, number, line, "skipping unreadable line %d of %s")
             parsed.append((line, None))
             continue
         if not _is_record(record):
-            logger.warning("skipping line %d of %s: not a result record", number, path)
+            _warn_once(path, number, line, "skipping line %d of %s: not a result record")
             record = None
         parsed.append((line, record))
     return parsed
+
+
+_WARNED_LINES: set[tuple[str, int, str]] = set()
+"""Lines already warned about: one compare reads results.jsonl several times."""
+
+
+def _warn_once(path: Path, number: int, line: str, message: str) -> None:
+    key = (str(path.resolve()), number, line)
+    if key not in _WARNED_LINES:
+        _WARNED_LINES.add(key)
+        logger.warning(message, number, path)
 
 
 TEXT_FIELDS = ("record", "rule", "status", "error", "seed_loop")

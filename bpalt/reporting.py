@@ -466,6 +466,10 @@ def render(out: str | Path, command: str = "") -> list[dict[str, Any]]:
 
     out = Path(out)
     results = out / "results.jsonl"
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(
+            f"{out} is a file; pass the folder that `bpalt compare --out` wrote"
+        )
     if not results.exists():
         raise FileNotFoundError(f"no results.jsonl in {out}; run `bpalt compare --out {out}` first")
     records = _read(results)

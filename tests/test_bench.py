@@ -66,7 +66,9 @@ def test_default_settings_cover_every_registered_rule(registry_with_new_rule):
 
 def test_benchmark_runs_end_to_end(registry_with_new_rule, tmp_path):
     settings = bench.Settings(**TINY, seed_rules=("bp",))
-    results = bench.run(settings)
+    messages = []
+    results = bench.run(settings, log=messages.append)
+    assert "  W1: seeds and epoch of rule bp" in messages
 
     steps = results["workloads"]["W1"]["steps"]
     names = [row["name"] for row in steps["rows"]]
@@ -196,6 +198,12 @@ def test_bad_value_rejected_before_timing(
     assert captured.err == "bpalt bench: error: " + message + HELP_POINTER
     assert captured.out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_names_only_measured_parts():
+    assert bench._measured_parts("bp", ("bp",), ("bp",)) == "seeds and epoch"
+    assert bench._measured_parts("bp", ("bp",), ()) == "seeds"
+    assert bench._measured_parts("fa", ("bp",), ("fa",)) == "epoch"
 
 
 def test_empty_seed_and_epoch_rules_accepted(registry_with_new_rule):

@@ -27,6 +27,7 @@ from bpalt import argtypes, cli, config
         (["compare", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
         (["train"], "--rule"),
         (["table", "/no/such/results"], "no results.jsonl in /no/such/results"),
+        (["table", __file__], "is a file; pass the folder that `bpalt compare --out` wrote"),
         (["compare", "--config", "/no/such.toml"], "config file not found (or not a file)"),
         (
             ["compare", "--diagnostics-every", "-5"],
