@@ -122,10 +122,6 @@ class Comparison:
         return json.loads(json.dumps(record, default=str))
 
 
-def _positive(name: str, value, integer: bool) -> None:
-    check_positive(name, value, integer=integer)
-
-
 MAX_SEEDS = 1000
 """Largest number of seeds per rule in one comparison; every seed's state is in memory at once."""
 
@@ -139,7 +135,7 @@ def seed_list(seeds) -> tuple[int, ...]:
             would repeat seed 0), with at most ``MAX_SEEDS`` seeds either way.
     """
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        _positive("seed count", seeds, integer=True)
+        check_positive("seed count", seeds, integer=True)
         _check_seed_count(seeds)
         return tuple(range(seeds))
     valid = (
@@ -171,9 +167,9 @@ def validate_training(settings: dict[str, Any], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
     for key in ("epochs", "batch_size"):
         if key in settings:
-            _positive(prefix + key.replace("_", " "), settings[key], integer=True)
+            check_positive(prefix + key.replace("_", " "), settings[key], integer=True)
     if "learning_rate" in settings:
-        _positive(prefix + "learning rate", settings["learning_rate"], integer=False)
+        check_positive(prefix + "learning rate", settings["learning_rate"])
     optimizer = settings.get("optimizer")
     if "optimizer" in settings and not (isinstance(optimizer, str) and optimizer in OPTIMIZERS):
         raise ValueError(

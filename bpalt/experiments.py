@@ -178,6 +178,7 @@ _WARNED_LINES: set[tuple[str, int, str]] = set()
 
 
 def _warn_once(path: Path, number: int, line: str, message: str) -> None:
+    """Log ``message`` about line ``number`` of ``path`` the first time it is seen."""
     key = (str(path.resolve()), number, line)
     if key not in _WARNED_LINES:
         _WARNED_LINES.add(key)

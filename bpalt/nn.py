@@ -261,7 +261,8 @@ def _check_input(x, w, padding: str) -> None:
         )
     if min(x.shape[1:3]) < 1:
         raise ValueError(
-            f"conv2d needs images at least 1 x 1, got input shape {tuple(x.shape)}"
+            f"invalid input shape {tuple(x.shape)}: conv2d needs images of at least 1 x 1 "
+            "pixels"
         )
     if x.shape[-1] != w.shape[2]:
         raise ValueError(

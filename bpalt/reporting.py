@@ -87,7 +87,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rule, rule_records in by_rule.items():
         ends = list(final[rule].values())
         ok = [r for r in ends if r["status"] == "finished"]
-        # Seeds that diverged or failed: their diagnostics describe a broken run.
+        # Diverged and failed seeds are left out, because their diagnostics describe a broken run.
         stopped = {r["seed"] for r in ends if r["status"] in ("diverged", "failed")}
         accuracies = [100 * r["test_accuracy"] for r in ok]
         epochs = [r for r in rule_records if r["epoch"] >= 1 and "epoch_seconds" in r]

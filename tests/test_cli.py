@@ -131,7 +131,7 @@ def test_config_rejects_optimizer_not_text(tmp_path, capsys, text):
      ("dataset = 3\n", "dataset must be text such as 'digits', got 3"),
      ('loss = ["mse"]\n', "loss must be text such as 'cross_entropy', got ['mse']")],
 )
-def test_config_rejects_names_that_are_not_text(tmp_path, capsys, text, message):
+def test_config_rejects_non_text_names(tmp_path, capsys, text, message):
     status = _compare_with_config(tmp_path, text)
 
     assert status == 2
@@ -181,7 +181,7 @@ def test_config_seed_list_kept():
     assert comparison.seeds == (4, 7)
 
 
-def test_rule_tables_of_unselected_rules_warned(caplog):
+def test_unused_rule_tables_warned(caplog):
     from bpalt import config
 
     settings = {"rule": {"fa": {"feedback_scale": 0.5}, "dfa": {}, "hsic": {"beta": 2.0}}}

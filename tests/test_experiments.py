@@ -71,7 +71,7 @@ def test_diverged_run_recorded_others_finish(tmp_path):
     assert "diverged at epoch 0" in (out / "summary.md").read_text()
 
 
-def test_batch_a_rule_cannot_take_rejected_before_training(tmp_path):
+def test_bad_batch_size_rejected_early(tmp_path):
     out = tmp_path / "run"
     message = "rule 'hsic' at batch size 1: HSIC needs a batch of at least 2 examples"
     with pytest.raises(ValueError, match=message):
@@ -79,7 +79,7 @@ def test_batch_a_rule_cannot_take_rejected_before_training(tmp_path):
     assert not out.exists()
 
 
-def test_rule_failing_in_training_recorded_others_finish(tmp_path, monkeypatch):
+def test_failing_rule_recorded_others_finish(tmp_path, monkeypatch):
     from bpalt.rules import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

@@ -231,7 +231,7 @@ def test_conv2d_apply_rejects_other_input(implementation, shape, message):
         layer.apply(params, jnp.ones(shape))
 
 
-def test_fused_serial_rejects_input_smaller_than_kernel():
+def test_fused_serial_rejects_small_input():
     layers = [nn.conv2d(3, 5, padding="VALID"), nn.relu, nn.max_pool(2)]
     assert nn._fusion_at(layers, 0) is not None
     block = nn.serial(*layers)
@@ -243,7 +243,7 @@ def test_fused_serial_rejects_input_smaller_than_kernel():
         jax.jit(block.apply)(params, jnp.ones((2, 4, 4, 1)))
 
 
-def test_pool_apply_rejects_other_input():
+def test_pool_rejects_wrong_input():
     with pytest.raises(ValueError, match=r"pooling expects a batch of images .*\(2, 8, 8\)"):
         nn.max_pool(2).apply((), jnp.ones((2, 8, 8)))
     with pytest.raises(ValueError, match="pool window 3x3 with VALID padding does not fit"):
@@ -721,7 +721,7 @@ def test_conv2d_on_flat_input_raises():
         (nn.conv2d(2**61, 3), (8, 8, 2), r"conv2d weights of shape \(3, 3, 2, 2305843009213693"),
     ],
 )
-def test_weights_past_largest_array_raise(layer, input_shape, message):
+def test_oversized_weights_rejected(layer, input_shape, message):
     with pytest.raises(ValueError, match=message + ".*use fewer features"):
         layer.init(KEY, input_shape)
 
@@ -735,7 +735,7 @@ def test_network_rejects_bad_input_shape(input_shape):
         nn.Network([block], input_shape)
 
 
-def test_network_takes_input_shape_as_any_integer_sequence():
+def test_input_shape_any_integer_sequence():
     block = nn.serial(nn.conv2d(2, 3), nn.flatten, nn.dense(3))
     for input_shape in ([8, 8, 1], np.array([8, 8, 1]), (np.int64(8), 8, np.uint8(1))):
         network = nn.Network([block], input_shape)
@@ -761,15 +761,16 @@ def test_layer_init_rejects_bad_sizes(layer, input_shape, message):
         layer.init(KEY, input_shape)
 
 
-def test_conv2d_apply_rejects_images_without_pixels():
+def test_conv2d_rejects_empty_images():
     layer = nn.conv2d(4, 3, padding="SAME")
     _, params = layer.init(KEY, (8, 8, 1))
-    with pytest.raises(ValueError, match=r"at least 1 x 1, got input shape \(2, 0, 0, 1\)"):
+    message = r"invalid input shape \(2, 0, 0, 1\): conv2d needs images"
+    with pytest.raises(ValueError, match=message):
         layer.apply(params, jnp.ones((2, 0, 0, 1)))
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (2,)])
-def test_dense_apply_rejects_other_feature_count(shape):
+def test_dense_rejects_wrong_features(shape):
     layer = nn.dense(3)
     _, params = layer.init(KEY, (5,))
     with pytest.raises(ValueError, match=r"dense weights \(5, 3\) take a batch of shape "
@@ -825,7 +826,7 @@ def test_wrong_input_shape_rejected():
              (x, jnp.zeros(2, jnp.int32)), jax.random.key(2))
 
 
-def test_network_names_a_missing_batch_axis():
+def test_missing_batch_axis_named():
     network = models.digits_cnn(channels=(4, 8))
     params = network.init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"one example of shape \(8, 8, 1\) without the batch "
@@ -833,7 +834,7 @@ def test_network_names_a_missing_batch_axis():
         network.apply(params, jnp.zeros((8, 8, 1)))
 
 
-def test_fused_block_on_empty_batch_matches_layers():
+def test_fused_empty_batch_matches_layers():
     layers = [nn.conv2d(4, 5, padding="VALID"), nn.relu, nn.max_pool(2)]
     block = nn.serial(*layers)
     _, params = block.init(KEY, (12, 12, 1))
@@ -841,10 +842,11 @@ def test_fused_block_on_empty_batch_matches_layers():
     one_by_one = x
     for layer, layer_params in zip(layers, params):
         one_by_one = layer.apply(layer_params, one_by_one)
-    assert block.apply(params, x).shape == one_by_one.shape == (0, 4, 4, 4)
+    assert one_by_one.shape == (0, 4, 4, 4)
+    assert block.apply(params, x).shape == one_by_one.shape
 
 
-def test_network_rejects_list_and_complex_inputs():
+def test_network_rejects_list_and_complex():
     network = models.digits_cnn(channels=(4, 8))
     params = network.init(jax.random.key(0))
     with pytest.raises(ValueError, match="got list; convert it with jnp.asarray"):

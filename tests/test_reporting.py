@@ -41,9 +41,9 @@ def _diagnostics_record(rule, seed, step, **cosines):
             **{f"update_cosine/{block}": value for block, value in cosines.items()}}
 
 
-def test_cosine_leaves_out_diverged_seeds_and_null_records():
-    # Seed 0 diverged after a finite first step; seed 1 finished, but one of its records
-    # has a null block while the read-out block keeps a cosine of 1.
+def test_cosine_skips_diverged_and_null():
+    # Seed 0 diverged after a finite first step. Seed 1 finished, but one of its records
+    # has a null block beside a read-out cosine of 1.
     diverged = [
         _diagnostics_record("fa", 0, 1, block0=0.9, block1=0.9),
         _diagnostics_record("fa", 0, 2, block0=None, block1=1.0),

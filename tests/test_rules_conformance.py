@@ -180,7 +180,7 @@ def test_update_checks_inputs_and_label_count(name, network, params, batches):
     x, y = batches[0]
     cases = (
         ((np.asarray(x).tolist(), y), "got list; convert it with jnp.asarray"),
-        ((x[:8], y[:4]), r"the batch has 8 inputs but labels of shape \(4,\)"),
+        ((x[:8], y[:4]), r"invalid batch: 8 inputs but labels of shape \(4,\)"),
     )
     for batch, message in cases:
         with pytest.raises(ValueError, match=message):

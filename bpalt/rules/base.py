@@ -44,7 +44,7 @@ class UpdateRule(NamedTuple):
 
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite positive number, or with
-    ``integer=True`` a positive integer. NumPy scalars count; ``True`` and ``False`` do not."""
+    ``integer=True`` a positive integer. NumPy scalars count, but ``True`` and ``False`` do not."""
     kind = numbers.Integral if integer else numbers.Real
     is_number = isinstance(value, kind) and not isinstance(value, bool)
     if is_number and value > 0 and (integer or math.isfinite(value)):

@@ -55,7 +55,7 @@ class ModuleGrid(NamedTuple):
 
 
 def _per_block(value, count: int, name: str) -> list:
-    """One value per hidden block from ``None``, one integer, or a sequence of ``count``."""
+    """Return one value per hidden block from ``None``, an integer, or a list of ``count``."""
     if value is None or isinstance(value, numbers.Integral):
         return [value] * count
     if not isinstance(value, (list, tuple)) or len(value) != count:

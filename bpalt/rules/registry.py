@@ -161,7 +161,7 @@ def _pair_checked(update, network: Network):
         labels = getattr(y, "shape", (None,))[:1]
         if labels != x.shape[:1]:
             raise ValueError(
-                f"the batch has {x.shape[0]} inputs but labels of shape "
+                f"invalid batch: {x.shape[0]} inputs but labels of shape "
                 f"{tuple(getattr(y, 'shape', ()))}; pass one label per input"
             )
         return update(state, params, batch, key)
