@@ -28,6 +28,10 @@ from bpalt.argtypes import (
 )
 
 RESULT_FILES = ("summary.md", "summary.tex", "results.jsonl", "curves.png", "alignment.png")
+OPTIMIZER_CHOICES = ("adam", "adamw", "sgd", "momentum", "rmsprop")
+"""``config.OPTIMIZERS``'s names, listed here so that parsing imports neither JAX nor optax."""
+SEED_LOOP_CHOICES = ("auto", "vmap", "map")
+"""``train.SEED_LOOPS``, listed here for the same reason."""
 
 
 class InterruptFlag:
@@ -61,7 +65,7 @@ def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None
         help="examples per step (default: each rule's registered setting)",
     )
     parser.add_argument(
-        "--optimizer",
+        "--optimizer", choices=OPTIMIZER_CHOICES, metavar="OPTIMIZER",
         help="adam, adamw, sgd, momentum or rmsprop (default: each rule's registered setting)",
     )
     parser.add_argument(
@@ -69,7 +73,7 @@ def _add_training_options(parser: argparse.ArgumentParser, command: str) -> None
         help="optimizer step size (default: each rule's registered setting)",
     )
     parser.add_argument(
-        "--seed-loop",
+        "--seed-loop", choices=SEED_LOOP_CHOICES, metavar="SEED_LOOP",
         help="how the seeds run in one compiled step: vmap (batched), map (one after "
         "another) or auto (default: chosen from the step's shapes)",
     )
@@ -196,6 +200,10 @@ def _run(args, rule_names) -> int:
             show_progress=not args.quiet,
             should_stop=lambda: interrupt.received,
         )
+    except experiments.RuleSettingsError as error:
+        # The [rule.NAME] tables come from the config file, so the message names it, as
+        # the errors of its other values do.
+        raise ValueError(f"{args.config}: {error}" if args.config else str(error)) from None
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)

@@ -49,6 +49,10 @@ class ConfigMismatchError(ValueError):
     """Raised when the output folder contains a comparison with a different config."""
 
 
+class RuleSettingsError(ValueError):
+    """Raised when a rule rejects the hyperparameters of its ``[rule.NAME]`` table."""
+
+
 def _config_differences(old: Any, new: Any, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
@@ -515,7 +519,7 @@ def compare(
             # Hyperparameters come from the config's [rule.NAME] table, so the message names
             # that table, as the errors about its training keys do.
             if spec.hyperparameters:
-                error = f"[rule.{spec.rule}]: {error}"
+                raise RuleSettingsError(f"[rule.{spec.rule}]: {error}") from None
             raise ValueError(str(error)) from None
         _check_batch_size(rule, network, spec, dataset)
     prepare_output(out, comparison.to_json())

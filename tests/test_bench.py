@@ -486,6 +486,24 @@ def test_stretch_target_needs_a_large_matmul():
     assert stretch(512)["note"] == f"needs --matmul-size {bench.SMALL_MATMUL} or more"
     measured = stretch(2048)
     assert measured["measured"] == pytest.approx((2e8 / 2e-3) / (2.0 * 512**3 / 1e-3))
+    # bp: 2e8 FLOP in 2 ms; the matmul: 2 * 512^3 FLOP in 1 ms.
+    assert measured["note"] == "bp 100.0 of 268.4 GFLOP/s"
+
+
+def test_local_target_notes_the_variant_of_the_same_run():
+    rows = [{**_timed_row("hsic", 5.0), "ratio_to_bp": 2.5},
+            {**_timed_row("hsic (plain estimator)", 3.5), "ratio_to_bp": 1.75},
+            {**_timed_row("gim", 3.0), "ratio_to_bp": 1.5}]
+
+    targets = bench._local_targets({"batch_size": 256, "rows": rows, "skipped": {}})
+
+    notes = {t["target"]: t["note"] for t in targets}
+    assert notes == {
+        "W1: hsic / bp at batch 256":
+            "hsic (plain estimator): 1.75 x; the default took 1.50 ms more",
+        "W1: hsic (plain estimator) / bp at batch 256": "not the registered default",
+        "W1: gim / bp at batch 256": "",
+    }
 
 
 @pytest.mark.parametrize(

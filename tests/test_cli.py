@@ -21,8 +21,11 @@ from bpalt import argtypes, cli, config
         (["compare", "--epochs", "0"], "--epochs: must be a positive integer, got 0"),
         (["compare", "--seeds=-2"], "--seeds: must be a positive integer, got -2"),
         (["compare", "--batch-size", "x"], "expected a positive integer, got 'x'"),
-        (["compare", "--optimizer", "lion"], "unknown optimizer 'lion'; accepted: adam"),
-        (["compare", "--seed-loop", "pmap"], "invalid seed_loop 'pmap'; accepted: auto, vmap, map"),
+        (["compare", "--optimizer", "lion"], "--optimizer: invalid choice: 'lion' (choose from"),
+        (
+            ["compare", "--seed-loop", "pmap"],
+            "--seed-loop: invalid choice: 'pmap' (choose from 'auto', 'vmap', 'map')",
+        ),
         (["compare", "--dataset", "mnist"], "needs a data directory"),
         (["compare", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir"),
         (["train"], "--rule"),
@@ -110,6 +113,13 @@ def test_closing_line_names_only_written_files(tmp_path, capsys):
     assert not (out / "alignment.png").exists()
     closing = capsys.readouterr().out.strip().splitlines()[-1]
     assert closing == f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png)"
+
+
+def test_option_choices_match_the_library():
+    from bpalt import train
+
+    assert cli.OPTIMIZER_CHOICES == tuple(config.OPTIMIZERS)
+    assert cli.SEED_LOOP_CHOICES == train.SEED_LOOPS
 
 
 @pytest.mark.parametrize(
@@ -313,7 +323,8 @@ def test_bad_hyperparameter_value_rejected(tmp_path, capsys):
     status = _compare_with_config(tmp_path, 'rules = ["fa"]\n[rule.fa]\nfeedback_scale = -1.0\n')
 
     assert status == 2
-    assert "[rule.fa]: feedback_scale must be a positive number, got -1.0" in (
+    config_path = tmp_path / "config.toml"
+    assert f"{config_path}: [rule.fa]: feedback_scale must be a positive number, got -1.0" in (
         capsys.readouterr().err
     )
 
