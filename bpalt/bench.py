@@ -1146,8 +1146,8 @@ def _local_targets(local) -> list[dict]:
 
 
 def _variant_note(row, local) -> str:
-    """Compare a local rule's row with its variants' rows of the same run, such as HSIC with
-    the plain estimator: the variant's ratio to bp and the time the default adds to it."""
+    """Return the note of a local rule's target: each variant's ratio to bp in the same run
+    (such as HSIC with the plain estimator) and the time that the rule's default adds."""
     parts = []
     for label, (rule, _) in LOCAL_VARIANTS.items():
         variant = _find(local["rows"], label)

@@ -145,12 +145,14 @@ traffic. It was chosen on a 2-core CPU, from three seeds under ``vmap`` against
   17 against 34 ms.
 
 Since LeNet's convolutions run fused with their pools, the arrays its steps create sum to
-less, and no single threshold fits every rule on it. In
-``experiments/results/benchmarks.md``, three seeds at batch 128 took 11.5 ms under ``vmap``
-against 13.7 ms under ``lax.map`` for backprop (110 MiB), 12.4 against 15.0 ms for feedback
-alignment (198 MiB) and 5.1 against 5.7 ms for random features (79 MiB), but 14.7 against
-10.6 ms for DFA (100 MiB), 26.4 against 19.8 ms for HSIC (141 MiB) and 19.3 against 18.3 ms
-for NTK linearisation (141 MiB). The rule keeps ``lax.map`` for all six, and
+less, and no single threshold fits every rule on it. In two benchmark runs
+(``experiments/results/benchmarks.md`` and the run before it), three seeds at batch 128
+took 11.9 and 11.5 ms under ``vmap`` against 12.8 and 13.7 ms under ``lax.map`` for
+backprop (110 MiB), 14.3 and 12.4 against 15.7 and 15.0 ms for feedback alignment (198 MiB)
+and 5.1 and 5.1 against 5.4 and 5.7 ms for random features (79 MiB). For DFA (100 MiB) they
+took 18.7 and 14.7 against 10.1 and 10.6 ms, and for NTK linearisation (141 MiB) 19.7 and
+19.3 against 18.7 and 18.3 ms. HSIC (141 MiB) took 16.1 against 17.7 ms in one run and 26.4
+against 19.8 ms in the other. The rule keeps ``lax.map`` for all six, and
 ``seed_loop="vmap"`` batches the first three."""
 
 

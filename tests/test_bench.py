@@ -486,11 +486,11 @@ def test_stretch_target_needs_a_large_matmul():
     assert stretch(512)["note"] == f"needs --matmul-size {bench.SMALL_MATMUL} or more"
     measured = stretch(2048)
     assert measured["measured"] == pytest.approx((2e8 / 2e-3) / (2.0 * 512**3 / 1e-3))
-    # bp: 2e8 FLOP in 2 ms; the matmul: 2 * 512^3 FLOP in 1 ms.
+    # bp does 2e8 FLOP in 2 ms, and the matmul 2 * 512^3 FLOP in 1 ms.
     assert measured["note"] == "bp 100.0 of 268.4 GFLOP/s"
 
 
-def test_local_target_notes_the_variant_of_the_same_run():
+def test_local_target_notes_variant():
     rows = [{**_timed_row("hsic", 5.0), "ratio_to_bp": 2.5},
             {**_timed_row("hsic (plain estimator)", 3.5), "ratio_to_bp": 1.75},
             {**_timed_row("gim", 3.0), "ratio_to_bp": 1.5}]

@@ -115,7 +115,7 @@ def test_closing_line_names_only_written_files(tmp_path, capsys):
     assert closing == f"results in {out}/ (summary.md, summary.tex, results.jsonl, curves.png)"
 
 
-def test_option_choices_match_the_library():
+def test_option_choices_match_library():
     from bpalt import train
 
     assert cli.OPTIMIZER_CHOICES == tuple(config.OPTIMIZERS)
