@@ -1051,25 +1051,41 @@ def _seeds_target(workload: str, entry) -> dict:
 
 
 def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
-    """List the step-time targets of one workload from its rows."""
+    """List the step-time targets of one workload from its rows.
+
+    Without a bp row (not selected, or failed), each target that needs bp is listed as not
+    measured with that reason, and the rules' targets against their peers are still judged.
+    """
     targets = []
     bp, torch_row = _find(rows, "bp"), _find(rows, "PyTorch eager")
-    if bp is None:
-        return targets
+    no_bp = skipped.get("bp", "bp not selected by --rules")
 
-    targets.append(_target(f"{workload}: bp / jax.grad + optax step", bp["ratio_to_reference"],
-                           1.05, "x"))
-    if torch_row is not None:
-        targets.append(_target(f"{workload}: bp / PyTorch eager", _pair(bp, torch_row), 1.0,
-                               "x", note=torch_row["name"]))
+    def over_bp(name, row, limit):
+        if bp is None:
+            return _target(name, None, limit, "x", note=no_bp)
+        return _target(name, _pair(row, bp), limit, "x")
+
+    name = f"{workload}: bp / jax.grad + optax step"
+    if bp is None:
+        targets.append(_target(name, None, 1.05, "x", note=no_bp))
     else:
-        targets.append(_target(f"{workload}: bp / PyTorch eager", None, 1.0, "x",
-                               note=_peer_note(skipped, "PyTorch eager")))
+        targets.append(_target(name, bp["ratio_to_reference"], 1.05, "x"))
+
+    name = f"{workload}: bp / PyTorch eager"
+    if torch_row is None:
+        targets.append(_target(name, None, 1.0, "x", note=_peer_note(skipped, "PyTorch eager")))
+    elif bp is None:
+        targets.append(_target(name, None, 1.0, "x", note=no_bp))
+    else:
+        targets.append(_target(name, _pair(bp, torch_row), 1.0, "x", note=torch_row["name"]))
+
     if workload == "W2":
         note = "PyTorch eager's time on an idle machine"
         if torch_row is not None:
             note += f"; this run: {_ms(torch_row['median_ms'])} ms"
-        targets.append(_target("W2: bp step", bp["median_ms"], 4.7, "ms", note=note))
+        measured = None if bp is None else bp["median_ms"]
+        targets.append(_target("W2: bp step", measured, 4.7, "ms",
+                               note=no_bp if bp is None else note))
 
     for rule, limit in (("fa", 1.15), ("dfa", 1.10)):
         row = _find(rows, rule)
@@ -1077,7 +1093,7 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             reason = skipped.get(rule, "not selected by --rules")
             targets.append(_target(f"{workload}: {rule} / bp", None, limit, "x", note=reason))
             continue
-        targets.append(_target(f"{workload}: {rule} / bp", _pair(row, bp), limit, "x"))
+        targets.append(over_bp(f"{workload}: {rule} / bp", row, limit))
         peer = _find(rows, f"BioTorch {rule}")
         targets.append(_target(
             f"{workload}: {rule} / BioTorch {rule}",
@@ -1098,18 +1114,26 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             note="" if evosax is not None else _peer_note(skipped, "evosax Open_ES"),
         ))
 
-    machine = gflops(_find(rows, MATMUL) or {}) or matmul.get("gflops")
-    if workload == "W2" and bp.get("flops") and machine:
-        name = "W2 (stretch): bp FLOP rate / matmul rate"
-        if matmul["size"] < SMALL_MATMUL:
-            # A small matmul runs below the machine's rate, so the fraction would flatter.
-            targets.append(_target(name, None, 0.30, "fraction", at_least=True,
-                                   note=f"needs --matmul-size {SMALL_MATMUL} or more"))
-        else:
-            targets.append(_target(name, gflops(bp) / machine, 0.30, "fraction",
-                                   at_least=True,
-                                   note=f"bp {gflops(bp):.1f} of {machine:.1f} GFLOP/s"))
+    if workload == "W2":
+        targets.append(_stretch_target(bp, rows, matmul, no_bp))
     return targets
+
+
+def _stretch_target(bp, rows, matmul, no_bp: str) -> dict:
+    """Build W2's stretch target: bp's FLOP rate as a fraction of the matmul's."""
+    name = "W2 (stretch): bp FLOP rate / matmul rate"
+    machine = gflops(_find(rows, MATMUL) or {}) or matmul.get("gflops")
+    if bp is None:
+        return _target(name, None, 0.30, "fraction", at_least=True, note=no_bp)
+    if matmul["size"] < SMALL_MATMUL:
+        # A small matmul runs below the machine's rate, so the fraction would flatter.
+        return _target(name, None, 0.30, "fraction", at_least=True,
+                       note=f"needs --matmul-size {SMALL_MATMUL} or more")
+    if not bp.get("flops") or not machine:
+        return _target(name, None, 0.30, "fraction", at_least=True,
+                       note="no FLOP count or matmul rate in this run")
+    return _target(name, gflops(bp) / machine, 0.30, "fraction", at_least=True,
+                   note=f"bp {gflops(bp):.1f} of {machine:.1f} GFLOP/s")
 
 
 def _peer_note(skipped: dict[str, str], name: str) -> str:
@@ -1140,7 +1164,7 @@ def _local_targets(local) -> list[dict]:
         elif row["name"] in LOCAL_VARIANTS:
             targets.append(target(row["name"], row["ratio_to_bp"], "not the registered default"))
     for name, reason in local.get("skipped", {}).items():
-        if name in LOCAL_RULES:
+        if name in LOCAL_RULES or name in LOCAL_VARIANTS:
             targets.append(target(name, None, reason))
     return targets
 
@@ -1153,7 +1177,8 @@ def _variant_note(row, local) -> str:
         variant = _find(local["rows"], label)
         if rule != row["name"] or variant is None or variant["ratio_to_bp"] is None:
             continue
-        added = row["median_ms"] - variant["median_ms"]
+        # From the medians as the table prints them, so that the note matches the table.
+        added = float(_ms(row["median_ms"])) - float(_ms(variant["median_ms"]))
         parts.append(
             f"{label}: {variant['ratio_to_bp']:.2f} x; the default took {added:.2f} ms more"
         )

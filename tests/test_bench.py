@@ -490,6 +490,31 @@ def test_stretch_target_needs_a_large_matmul():
     assert measured["note"] == "bp 100.0 of 268.4 GFLOP/s"
 
 
+def test_step_targets_without_bp():
+    rows = [_timed_row("jax.grad + optax", 2.0), _timed_row("fa", 2.0),
+            _timed_row("BioTorch fa (2 threads)", 4.0)]
+
+    targets = bench._step_targets("W2", rows, {}, {"size": 2048, "gflops": 100.0})
+
+    by_name = {t["target"]: t for t in targets}
+    for name in ("W2: bp / jax.grad + optax step", "W2: bp step", "W2: fa / bp",
+                 "W2 (stretch): bp FLOP rate / matmul rate"):
+        assert by_name[name]["met"] is None
+        assert by_name[name]["note"] == "bp not selected by --rules"
+    assert by_name["W2: fa / BioTorch fa"]["measured"] == pytest.approx(0.5)
+    assert by_name["W2: fa / BioTorch fa"]["met"] is True
+
+
+def test_local_target_of_failed_variant():
+    local = {"batch_size": 1, "rows": [],
+             "skipped": {"hsic": "ValueError: batch", "hsic (plain estimator)": "ValueError: b"}}
+
+    notes = {t["target"]: t["note"] for t in bench._local_targets(local)}
+
+    assert notes == {"W1: hsic / bp at batch 1": "ValueError: batch",
+                     "W1: hsic (plain estimator) / bp at batch 1": "ValueError: b"}
+
+
 def test_local_target_notes_variant():
     rows = [{**_timed_row("hsic", 5.0), "ratio_to_bp": 2.5},
             {**_timed_row("hsic (plain estimator)", 3.5), "ratio_to_bp": 1.75},
