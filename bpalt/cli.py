@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _comparison(args, rule_names):
     from bpalt import config
 
+    if args.config is not None and not args.config.strip():
+        raise ValueError(
+            "--config is empty; name a TOML file, or leave out --config to use the defaults"
+        )
     file_settings = config.read_toml(args.config) if args.config else {}
     overrides = {
         "rules": rule_names,
@@ -201,8 +205,7 @@ def _run(args, rule_names) -> int:
             should_stop=lambda: interrupt.received,
         )
     except experiments.RuleSettingsError as error:
-        # The [rule.NAME] tables come from the config file, so the message names it, as
-        # the errors of its other values do.
+        # The [rule.NAME] tables come from the config file, so the message names the file.
         raise ValueError(f"{args.config}: {error}" if args.config else str(error)) from None
     finally:
         if in_main_thread:
@@ -249,6 +252,8 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train" and not args.rule.strip():
+        parser.subcommands["train"].error("--rule is empty; name one rule, such as fa")
     if args.command == "train" and "," in args.rule:
         parser.subcommands["train"].error(
             f"--rule takes one rule name, got {args.rule!r}; use bpalt compare --rules "

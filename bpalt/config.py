@@ -135,8 +135,8 @@ def seed_list(seeds) -> tuple[int, ...]:
             would repeat seed 0), with at most ``MAX_SEEDS`` seeds either way.
     """
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        check_positive("seed count", seeds, integer=True)
         _check_seed_count(seeds)
+        check_positive("seed count", seeds, integer=True)
         return tuple(range(seeds))
     valid = (
         isinstance(seeds, (list, tuple))
@@ -356,18 +356,28 @@ def make_comparison(
         overrides: command-line values that were set (``None`` entries are ignored).
         source: where ``file_settings`` came from, such as the TOML file's path.
     """
+
+    def from_file(error):
+        return ValueError(f"{source}: {error}" if source else str(error))
+
     try:
         _check_values(file_settings)
+        _check_names(file_settings)
     except ValueError as error:
-        raise ValueError(f"{source}: {error}" if source else str(error)) from None
+        raise from_file(error) from None
     merged = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
     _check_values(merged)
+    _check_names(merged)
 
     dataset = merged.get("dataset", "digits")
-    if dataset not in data.DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(data.DATASETS)}")
-    check_data_dir(dataset, merged.get("data_dir"))
-    losses.get(merged.get("loss", "cross_entropy"))
+    try:
+        check_data_dir(dataset, merged.get("data_dir"))
+    except ValueError as error:
+        # The folder may come from the file and the data set from the command line, so the
+        # file is named only when it set the folder.
+        if overrides.get("data_dir") is None:
+            raise from_file(error) from None
+        raise
 
     rule_settings = merged.get("rule", {})
     selected = with_baselines(_rule_names(merged.get("rules", list(rules.names()))))
@@ -390,6 +400,14 @@ def make_comparison(
         training={key: merged[key] for key in GLOBAL_TRAINING if key in merged},
         rule_settings={name: dict(s) for name, s in rule_settings.items()},
     )
+
+
+def _check_names(settings: dict[str, Any]) -> None:
+    """Raise ``ValueError`` on an unknown data set or loss name in ``settings``."""
+    dataset = settings.get("dataset", "digits")
+    if dataset not in data.DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(data.DATASETS)}")
+    losses.get(settings.get("loss", "cross_entropy"))
 
 
 def _check_values(settings: dict[str, Any]) -> None:
@@ -479,6 +497,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found (or not a file): {path}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        # Some editors start UTF-8 files with a byte order mark, which TOML does not allow.
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"invalid TOML in {path}: {error}") from None

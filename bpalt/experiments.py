@@ -80,6 +80,15 @@ def _fingerprint(record: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def _accepts_network(rule: str, network, loss: str) -> bool:
+    """Return whether registered ``rule`` builds on ``network`` with its default settings."""
+    try:
+        rules.get(rule, network, losses.get(loss))
+    except ValueError:
+        return False
+    return True
+
+
 def prepare_output(out: Path, record: dict[str, Any]) -> None:
     """Create ``out`` with ``config.json``, or check that an existing one matches ``record``.
 
@@ -517,8 +526,9 @@ def compare(
             if beside:
                 error = f"{error} ({spec.rule} runs as the baseline of {', '.join(beside)})"
             # Hyperparameters come from the config's [rule.NAME] table, so the message names
-            # that table, as the errors about its training keys do.
-            if spec.hyperparameters:
+            # that table, as the errors about its training keys do, unless the rule rejects
+            # the network whatever its settings.
+            if spec.hyperparameters and _accepts_network(spec.rule, network, comparison.loss):
                 raise RuleSettingsError(f"[rule.{spec.rule}]: {error}") from None
             raise ValueError(str(error)) from None
         _check_batch_size(rule, network, spec, dataset)

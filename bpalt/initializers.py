@@ -152,6 +152,12 @@ def get(name: str | Initializer, **kwargs) -> Initializer:
     if name == "uniform":
         return uniform(**kwargs)
     if name == "constant":
+        if "value" not in kwargs:
+            # A config file gives a name only, with no way to pass the value.
+            raise ValueError(
+                "initializer 'constant' needs a value: pass initializers.constant(value) "
+                "from Python, or use 'zeros'"
+            )
         return constant(**kwargs)
     if name not in _BY_NAME:
         accepted = sorted([*_BY_NAME, "normal", "uniform", "constant"])

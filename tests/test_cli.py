@@ -45,6 +45,7 @@ from bpalt import argtypes, cli, config
         (["compare", "--bogus"], "bpalt compare: error: unrecognized arguments: --bogus"),
         (["train", "--rule", "bp", "extra"], "bpalt train: error: unrecognized arguments: extra"),
         (["train", "--rule", "bp,fa"], "--rule takes one rule name, got 'bp,fa'"),
+        (["train", "--rule", ""], "--rule is empty; name one rule, such as fa"),
     ],
 )
 def test_bad_input_one_line(arguments, message, capsys):
@@ -59,11 +60,17 @@ def test_bad_input_one_line(arguments, message, capsys):
     assert "Traceback" not in err
 
 
+def _write_config(tmp_path, text):
+    """Write ``text`` as ``tmp_path / "config.toml"`` and return that path."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
 def _compare_with_config(tmp_path, text):
     """Write ``text`` as a config file and run ``bpalt compare`` on it; return the status."""
-    config = tmp_path / "config.toml"
-    config.write_text(text)
-    return cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")])
+    path = _write_config(tmp_path, text)
+    return cli.main(["compare", "--config", str(path), "--out", str(tmp_path / "out")])
 
 
 def test_diagnostics_every_zero_accepted():
@@ -317,6 +324,63 @@ def test_rejected_before_training(arguments, message, tmp_path, capsys):
     assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('loss = "hinge"\n', "unknown loss 'hinge'"),
+        ('dataset = "imagenet"\n', "unknown dataset 'imagenet'"),
+        ('data_dir = "data/mnist"\n', "--data-dir (data_dir) 'data/mnist' is not used"),
+    ],
+)
+def test_config_name_errors_name_file(tmp_path, capsys, text, message):
+    status = _compare_with_config(tmp_path, text)
+
+    assert status == 2
+    assert f"{tmp_path / 'config.toml'}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_data_dir_with_dataset_option(tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text(f'data_dir = "{tmp_path / "missing"}"\n')
+
+    status = cli.main(["compare", "--config", str(config), "--dataset", "mnist",
+                       "--out", str(tmp_path / "out")])
+
+    # The folder suits mnist, so the error is that it does not exist.
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "is not used by dataset" not in err
+    assert str(tmp_path / "missing") in err
+
+
+def test_config_with_byte_order_mark(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbfepochs = 1\n")
+
+    assert config.read_toml(path) == {"epochs": 1}
+
+
+def test_empty_config_option_rejected(tmp_path, capsys):
+    status = cli.main(["compare", "--config", "", "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    assert "--config is empty; name a TOML file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_network_error_not_blamed_on_rule_table(tmp_path, capsys):
+    text = '[model]\nname = "mlp"\nhidden = [32]\n[rule.gim]\nnum_negatives = 8\n'
+
+    status = cli.main(["compare", "--rules", "gim", "--out", str(tmp_path / "out"),
+                       "--config", str(_write_config(tmp_path, text))])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "gim predicts rows of a feature map" in err
+    assert "[rule.gim]" not in err
 
 
 def test_bad_hyperparameter_value_rejected(tmp_path, capsys):

@@ -226,6 +226,8 @@ def test_rule_sigma_schedule(network, batch):
         ({"population": 0}, "population must be a positive integer"),
         ({"sigma": 0.0}, "sigma must be a positive number"),
         ({"sigma": float("inf")}, "sigma must be a finite positive number, got inf"),
+        ({"sigma": 1e300}, "sigma must be at most 3.4028235e\\+38, float32's largest value"),
+        ({"population": 2**40}, "population must be at most 2147483647, int32's largest value"),
         ({"sigma_schedule": lambda step: 0.0}, "sigma_schedule\\(0\\) must be finite and positive"),
         ({"sigma_schedule": lambda step: float("inf")}, "sigma_schedule\\(0\\) must be finite"),
         ({"sigma_schedule": 0.1}, "sigma_schedule must be a function"),

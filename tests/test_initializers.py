@@ -117,6 +117,11 @@ def test_constant():
     np.testing.assert_array_equal(values, np.full((2, 5), 0.25, np.float32))
 
 
+def test_constant_by_name_needs_value():
+    with pytest.raises(ValueError, match="initializer 'constant' needs a value"):
+        initializers.get("constant")
+
+
 def test_dtype_argument():
     values = initializers.he_normal()(KEY, (4, 4), jnp.bfloat16)
     assert values.dtype == jnp.bfloat16

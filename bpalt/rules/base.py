@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 Batch = tuple[jax.Array, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -42,12 +43,27 @@ class UpdateRule(NamedTuple):
     name: str = "rule"
 
 
+MAX_INTEGER = 2**31 - 1
+"""Largest integer hyperparameter that ``check_positive`` accepts: int32's largest value."""
+MAX_REAL = float(np.finfo(np.float32).max)
+"""Largest real hyperparameter that ``check_positive`` accepts: float32's largest value."""
+
+
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite positive number, or with
     ``integer=True`` a positive integer. NumPy scalars count, but ``True`` and ``False`` do not."""
     kind = numbers.Integral if integer else numbers.Real
     is_number = isinstance(value, kind) and not isinstance(value, bool)
     if is_number and value > 0 and (integer or math.isfinite(value)):
+        # Values reach JAX as int32 or float32, where larger ones overflow.
+        if integer and value > MAX_INTEGER:
+            raise ValueError(
+                f"{name} must be at most {MAX_INTEGER}, int32's largest value, got {value!r}"
+            )
+        if not integer and value > MAX_REAL:
+            raise ValueError(
+                f"{name} must be at most {MAX_REAL:.8g}, float32's largest value, got {value!r}"
+            )
         return
     expected = "a positive integer" if integer else "a positive number"
     if is_number and value > 0:
