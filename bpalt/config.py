@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -134,10 +135,10 @@ def seed_list(seeds) -> tuple[int, ...]:
             integers below ``2**32`` (JAX's keys keep the low 32 bits only: seed ``2**32``
             would repeat seed 0), with at most ``MAX_SEEDS`` seeds either way.
     """
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
         _check_seed_count(seeds)
         check_positive("seed count", seeds, integer=True)
-        return tuple(range(seeds))
+        return tuple(range(int(seeds)))
     valid = (
         isinstance(seeds, (list, tuple))
         and seeds

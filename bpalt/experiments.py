@@ -80,13 +80,14 @@ def _fingerprint(record: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def _accepts_network(rule: str, network, loss: str) -> bool:
-    """Return whether registered ``rule`` builds on ``network`` with its default settings."""
+def _default_error(rule: str, network, loss: str) -> str | None:
+    """Return the message of the ``ValueError`` that registered ``rule`` raises on ``network``
+    at its default settings, or None when it builds."""
     try:
         rules.get(rule, network, losses.get(loss))
-    except ValueError:
-        return False
-    return True
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def prepare_output(out: Path, record: dict[str, Any]) -> None:
@@ -526,9 +527,11 @@ def compare(
             if beside:
                 error = f"{error} ({spec.rule} runs as the baseline of {', '.join(beside)})"
             # Hyperparameters come from the config's [rule.NAME] table, so the message names
-            # that table, as the errors about its training keys do, unless the rule rejects
-            # the network whatever its settings.
-            if spec.hyperparameters and _accepts_network(spec.rule, network, comparison.loss):
+            # that table, as the errors about its training keys do, unless the rule raises
+            # the same error at its default settings: then the network is the cause.
+            if spec.hyperparameters and str(error) != _default_error(
+                spec.rule, network, comparison.loss
+            ):
                 raise RuleSettingsError(f"[rule.{spec.rule}]: {error}") from None
             raise ValueError(str(error)) from None
         _check_batch_size(rule, network, spec, dataset)

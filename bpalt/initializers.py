@@ -147,6 +147,8 @@ def get(name: str | Initializer, **kwargs) -> Initializer:
     """
     if callable(name):
         return name
+    if not isinstance(name, str):
+        raise ValueError(f"an initializer must be a name or a function, got {name!r}")
     if name == "normal":
         return normal(**kwargs)
     if name == "uniform":

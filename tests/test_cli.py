@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from bpalt import argtypes, cli, config
@@ -381,6 +382,24 @@ def test_network_error_not_blamed_on_rule_table(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gim predicts rows of a feature map" in err
     assert "[rule.gim]" not in err
+
+
+def test_bad_value_blamed_on_table_before_network(tmp_path, capsys):
+    # gim checks num_negatives before the network, which it would also reject.
+    text = '[model]\nname = "mlp"\nhidden = [32]\n[rule.gim]\nnum_negatives = 0\n'
+
+    status = cli.main(["compare", "--rules", "gim", "--out", str(tmp_path / "out"),
+                       "--config", str(_write_config(tmp_path, text))])
+
+    assert status == 2
+    config_path = tmp_path / "config.toml"
+    assert f"{config_path}: [rule.gim]: num_negatives must be a positive integer" in (
+        capsys.readouterr().err
+    )
+
+
+def test_seed_count_from_numpy():
+    assert config.seed_list(np.int64(3)) == (0, 1, 2)
 
 
 def test_bad_hyperparameter_value_rejected(tmp_path, capsys):

@@ -122,6 +122,12 @@ def test_constant_by_name_needs_value():
         initializers.get("constant")
 
 
+@pytest.mark.parametrize("name", [{"value": 1.0}, ["constant"], 3])
+def test_initializer_not_name_or_function(name):
+    with pytest.raises(ValueError, match="an initializer must be a name or a function"):
+        initializers.get(name)
+
+
 def test_dtype_argument():
     values = initializers.he_normal()(KEY, (4, 4), jnp.bfloat16)
     assert values.dtype == jnp.bfloat16

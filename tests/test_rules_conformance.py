@@ -284,3 +284,38 @@ def test_constructor_resolves_loss_name(network, params, batches):
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         rules.feedback_alignment(network, "hinge")
+
+
+# --- Hyperparameter checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [3.4028235e38, np.float32(3e38), np.float64(1.5), 7, np.int64(2**40)],
+    ids=["float32 max", "float32 scalar", "float64 scalar", "int", "large int64"],
+)
+def test_check_positive_accepts_float32_range(value):
+    rules.base.check_positive("sigma", value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (3.4028236e38, "sigma must be at most 3.4028235e\\+38, float32's largest value"),
+        (10**400, "sigma must be at most 3.4028235e\\+38"),
+        (np.float64(1e39), "sigma must be at most 3.4028235e\\+38"),
+        (np.float32(np.inf), "sigma must be a finite positive number"),
+        (float("nan"), "sigma must be a positive number, got nan"),
+    ],
+    ids=["above float32", "huge int", "float64 scalar", "float32 inf", "nan"],
+)
+def test_check_positive_rejects_beyond_float32(value, message):
+    with pytest.raises(ValueError, match=message):
+        rules.base.check_positive("sigma", value)
+
+
+def test_check_positive_integer_limit():
+    rules.base.check_positive("population", 2**31 - 1, integer=True)
+
+    with pytest.raises(ValueError, match="population must be at most 2147483647"):
+        rules.base.check_positive("population", 2**31, integer=True)

@@ -46,29 +46,41 @@ class UpdateRule(NamedTuple):
 MAX_INTEGER = 2**31 - 1
 """Largest integer hyperparameter that ``check_positive`` accepts: int32's largest value."""
 MAX_REAL = float(np.finfo(np.float32).max)
-"""Largest real hyperparameter that ``check_positive`` accepts: float32's largest value."""
+"""Largest real hyperparameter that ``check_positive`` accepts: float32's largest value.
+Values up to half a float32 step above it round to it, and are accepted too."""
+_FLOAT32_OVERFLOW = MAX_REAL + 2.0**103
+"""The smallest real that rounds to float32 infinity: half a step above ``MAX_REAL``."""
 
 
 def check_positive(name: str, value, *, integer: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite positive number, or with
-    ``integer=True`` a positive integer. NumPy scalars count, but ``True`` and ``False`` do not."""
+    ``integer=True`` a positive integer. NumPy scalars count, but ``True`` and ``False`` do not.
+
+    Values reach JAX as int32 or float32, so larger ones are rejected: integers above
+    ``MAX_INTEGER`` and reals that would round to float32 infinity.
+    """
     kind = numbers.Integral if integer else numbers.Real
     is_number = isinstance(value, kind) and not isinstance(value, bool)
-    if is_number and value > 0 and (integer or math.isfinite(value)):
-        # Values reach JAX as int32 or float32, where larger ones overflow.
-        if integer and value > MAX_INTEGER:
+    if not (is_number and value > 0):
+        expected = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+    if integer:
+        if value > MAX_INTEGER:
             raise ValueError(
                 f"{name} must be at most {MAX_INTEGER}, int32's largest value, got {value!r}"
             )
-        if not integer and value > MAX_REAL:
-            raise ValueError(
-                f"{name} must be at most {MAX_REAL:.8g}, float32's largest value, got {value!r}"
-            )
         return
-    expected = "a positive integer" if integer else "a positive number"
-    if is_number and value > 0:
-        expected = "a finite positive number"
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+    # An integer is compared as it is: a Python integer can be too large for a float. A
+    # NumPy float32 is widened first, so that the comparison cannot overflow in float32.
+    real = value if isinstance(value, numbers.Integral) else float(value)
+    if not isinstance(real, numbers.Integral) and not math.isfinite(real):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    if real >= _FLOAT32_OVERFLOW:
+        raise ValueError(
+            f"{name} must be at most {MAX_REAL:.8g}, float32's largest value, got {value!r}"
+        )
 
 
 def check_choice(name: str, value, choices) -> None:
