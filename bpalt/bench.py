@@ -1060,32 +1060,27 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
     bp, torch_row = _find(rows, "bp"), _find(rows, "PyTorch eager")
     no_bp = skipped.get("bp", "bp not selected by --rules")
 
-    def over_bp(name, row, limit):
+    def needs_bp(name, limit, unit, measure, note=""):
+        # measure(bp) gives the value. Without bp, the target is listed as not measured.
         if bp is None:
-            return _target(name, None, limit, "x", note=no_bp)
-        return _target(name, _pair(row, bp), limit, "x")
+            return _target(name, None, limit, unit, note=no_bp)
+        return _target(name, measure(bp), limit, unit, note=note)
 
-    name = f"{workload}: bp / jax.grad + optax step"
-    if bp is None:
-        targets.append(_target(name, None, 1.05, "x", note=no_bp))
-    else:
-        targets.append(_target(name, bp["ratio_to_reference"], 1.05, "x"))
+    targets.append(needs_bp(f"{workload}: bp / jax.grad + optax step", 1.05, "x",
+                            lambda bp: bp["ratio_to_reference"]))
 
     name = f"{workload}: bp / PyTorch eager"
     if torch_row is None:
         targets.append(_target(name, None, 1.0, "x", note=_peer_note(skipped, "PyTorch eager")))
-    elif bp is None:
-        targets.append(_target(name, None, 1.0, "x", note=no_bp))
     else:
-        targets.append(_target(name, _pair(bp, torch_row), 1.0, "x", note=torch_row["name"]))
+        targets.append(needs_bp(name, 1.0, "x", lambda bp: _pair(bp, torch_row),
+                                note=torch_row["name"]))
 
     if workload == "W2":
         note = "PyTorch eager's time on an idle machine"
         if torch_row is not None:
             note += f"; this run: {_ms(torch_row['median_ms'])} ms"
-        measured = None if bp is None else bp["median_ms"]
-        targets.append(_target("W2: bp step", measured, 4.7, "ms",
-                               note=no_bp if bp is None else note))
+        targets.append(needs_bp("W2: bp step", 4.7, "ms", lambda bp: bp["median_ms"], note))
 
     for rule, limit in (("fa", 1.15), ("dfa", 1.10)):
         row = _find(rows, rule)
@@ -1093,7 +1088,8 @@ def _step_targets(workload: str, rows, skipped, matmul) -> list[dict]:
             reason = skipped.get(rule, "not selected by --rules")
             targets.append(_target(f"{workload}: {rule} / bp", None, limit, "x", note=reason))
             continue
-        targets.append(over_bp(f"{workload}: {rule} / bp", row, limit))
+        targets.append(needs_bp(f"{workload}: {rule} / bp", limit, "x",
+                                lambda bp, row=row: _pair(row, bp)))
         peer = _find(rows, f"BioTorch {rule}")
         targets.append(_target(
             f"{workload}: {rule} / BioTorch {rule}",

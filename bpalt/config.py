@@ -358,14 +358,14 @@ def make_comparison(
         source: where ``file_settings`` came from, such as the TOML file's path.
     """
 
-    def from_file(error):
+    def file_error(error):
         return ValueError(f"{source}: {error}" if source else str(error))
 
     try:
         _check_values(file_settings)
         _check_names(file_settings)
     except ValueError as error:
-        raise from_file(error) from None
+        raise file_error(error) from None
     merged = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
     _check_values(merged)
     _check_names(merged)
@@ -377,7 +377,7 @@ def make_comparison(
         # The folder may come from the file and the data set from the command line, so the
         # file is named only when it set the folder.
         if overrides.get("data_dir") is None:
-            raise from_file(error) from None
+            raise file_error(error) from None
         raise
 
     rule_settings = merged.get("rule", {})

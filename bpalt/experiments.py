@@ -527,8 +527,8 @@ def compare(
             if beside:
                 error = f"{error} ({spec.rule} runs as the baseline of {', '.join(beside)})"
             # Hyperparameters come from the config's [rule.NAME] table, so the message names
-            # that table, as the errors about its training keys do, unless the rule raises
-            # the same error at its default settings: then the network is the cause.
+            # that table. A rule that raises the same error at its default settings rejects
+            # the network instead, and the table is not named.
             if spec.hyperparameters and str(error) != _default_error(
                 spec.rule, network, comparison.loss
             ):

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Two worker processes (pytest-xdist): on 2 CPU cores, with an empty compilation cache,
-# the suite took 353 s this way and 536 s in one process. A later -n (-n 0: one process)
-# overrides it.
+# the suite took 353 s this way and 536 s in one process. A later -n overrides it, so
+# -n 0 runs one process.
 exec .venv/bin/python -m pytest -n 2 "$@"

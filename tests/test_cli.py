@@ -372,7 +372,7 @@ def test_empty_config_option_rejected(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_network_error_not_blamed_on_rule_table(tmp_path, capsys):
+def test_network_error_not_blamed_on_table(tmp_path, capsys):
     text = '[model]\nname = "mlp"\nhidden = [32]\n[rule.gim]\nnum_negatives = 8\n'
 
     status = cli.main(["compare", "--rules", "gim", "--out", str(tmp_path / "out"),
@@ -384,7 +384,7 @@ def test_network_error_not_blamed_on_rule_table(tmp_path, capsys):
     assert "[rule.gim]" not in err
 
 
-def test_bad_value_blamed_on_table_before_network(tmp_path, capsys):
+def test_table_value_blamed_before_network(tmp_path, capsys):
     # gim checks num_negatives before the network, which it would also reject.
     text = '[model]\nname = "mlp"\nhidden = [32]\n[rule.gim]\nnum_negatives = 0\n'
 
